@@ -1,0 +1,124 @@
+"""One encoder from (patient frame, plans) to the model's inputs, fitted in training and
+shipped inside the model, so serving never re-implements preprocessing.
+
+The model is *factorised* (see :mod:`recommender.model`): patient features go through the
+trees once per patient, and plans enter only through small, fixed **plan bases** — one row
+per plan. Scoring all 839 plans for a patient is then one tree pass plus a matrix product,
+which is what makes batch scoring and the HTTP path fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from features.catalog import COMPONENT_CODES, DRUG, PLANS, plan_matrix
+from features.priors import combination_factor
+from features.schema import COLUMNS_BY_NAME, FEATURE_COLUMNS
+
+# Drug classes that depress the CNS, for the class-interaction terms of the adverse-event
+# basis (clinical-evidence §5.3: TCA/gabapentinoid/muscle relaxant/opioid pairs are WARN or
+# REVIEW for CNS depression and falls).
+CNS_DRUGS = ("tca", "gabapentinoid", "muscle_relaxant", "opioid")
+# NSAID + SNRI raises bleeding risk (evidence §5.3, SNRI-10).
+BLEEDING_PAIR = ("nsaid", "snri")
+
+
+def schema_fingerprint() -> str:
+    """Hash of the declared feature columns; a model trained under another schema is refused."""
+    spec = [(c, COLUMNS_BY_NAME[c].dtype, COLUMNS_BY_NAME[c].levels) for c in FEATURE_COLUMNS]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
+
+
+@dataclass
+class PatientEncoder:
+    """Patient frame -> float matrix for LightGBM.
+
+    Numeric columns pass through (NaN = missing, which LightGBM routes on its own);
+    booleans become 0/1 (NaN when unknown); categoricals become their integer level code
+    and are declared categorical to LightGBM, so a SHAP value belongs to "pain_condition",
+    not to a one-hot column. Levels are fixed by the schema, so fitting only records the
+    schema fingerprint it was fitted under.
+    """
+
+    feature_names_: tuple[str, ...] | None = None
+    categorical_: tuple[str, ...] | None = None
+    schema_: str | None = None
+
+    def fit(self, patients: pd.DataFrame) -> PatientEncoder:
+        required = [c for c in FEATURE_COLUMNS if COLUMNS_BY_NAME[c].required]
+        missing = [c for c in required if c not in patients.columns]
+        if missing:
+            raise ValueError(
+                f"patient frame lacks required columns {missing}; validate it "
+                "first with features.validate.validate(df, 'patients')"
+            )
+        self.feature_names_ = FEATURE_COLUMNS
+        self.categorical_ = tuple(
+            c for c in FEATURE_COLUMNS if COLUMNS_BY_NAME[c].dtype == "category"
+        )
+        self.schema_ = schema_fingerprint()
+        return self
+
+    def transform(self, patients: pd.DataFrame) -> np.ndarray:
+        if self.feature_names_ is None:
+            raise ValueError("PatientEncoder is not fitted; call fit() first")
+        cols = []
+        n = len(patients)
+        for name in self.feature_names_:
+            col = COLUMNS_BY_NAME[name]
+            if name not in patients.columns:  # an absent optional column is all-missing
+                cols.append(np.full(n, np.nan))
+                continue
+            s = patients[name]
+            if col.dtype == "category":
+                codes = pd.Categorical(s, categories=list(col.levels)).codes.astype(float)
+                codes[codes < 0] = np.nan
+                cols.append(codes)
+            elif col.dtype == "bool":
+                cols.append(pd.array(s, dtype="boolean").to_numpy(dtype=float, na_value=np.nan))
+            else:
+                cols.append(pd.to_numeric(s, errors="coerce").to_numpy(dtype=float))
+        return np.column_stack(cols) if cols else np.empty((len(patients), 0))
+
+    @property
+    def categorical_indices(self) -> list[int]:
+        return [self.feature_names_.index(c) for c in self.categorical_]
+
+
+def _plan_counts() -> tuple[np.ndarray, np.ndarray]:
+    m = plan_matrix()
+    drug = np.array([c in DRUG for c in COMPONENT_CODES])
+    return m.sum(1), m[:, drug].sum(1)
+
+
+def effect_basis() -> tuple[np.ndarray, tuple[str, ...]]:
+    """(839, K) basis through which a plan changes expected improvement.
+
+    Columns: each component scaled by the evidence combination factor (so a component's
+    coefficient is its single-use effect; §3.3 sub-additivity), plus plan-size terms whose
+    patient-dependent coefficients absorb adherence loss and any departure from that rule.
+    The empty plan would be all zeros: coefficients are effects versus usual care.
+    """
+    m = plan_matrix().astype(float)
+    k, n_drug = _plan_counts()
+    scaled = m * combination_factor(k)[:, None]
+    size = np.column_stack([k >= 2, k >= 3, k >= 4, n_drug >= 2]).astype(float)
+    names = tuple(COMPONENT_CODES) + ("size>=2", "size>=3", "size>=4", "two_drugs")
+    return np.hstack([scaled, size]), names
+
+
+def ae_basis() -> tuple[np.ndarray, tuple[str, ...]]:
+    """(839, K) basis of the adverse-event log-odds: intercept, components, class pairs."""
+    m = plan_matrix().astype(float)
+    idx = {c: i for i, c in enumerate(COMPONENT_CODES)}
+    cns = m[:, [idx[c] for c in CNS_DRUGS]].sum(1)
+    bleeding = m[:, idx[BLEEDING_PAIR[0]]] * m[:, idx[BLEEDING_PAIR[1]]]
+    _, n_drug = _plan_counts()
+    extra = np.column_stack([cns >= 2, bleeding, n_drug >= 2]).astype(float)
+    names = ("baseline",) + tuple(COMPONENT_CODES) + ("two_cns_drugs", "nsaid+snri", "two_drugs")
+    return np.hstack([np.ones((len(PLANS), 1)), m, extra]), names

@@ -1,0 +1,105 @@
+"""Evidence priors: what the literature says before any clinic data is seen.
+
+The outcome model starts boosting from these numbers and only moves away from them where
+the data carry enough information (see :mod:`recommender.model`), so a small clinic's model
+degrades to the evidence, not to noise. Every number cites ``clinical-evidence.md``.
+
+Sign convention: *improvement* in PEG points (``peg - peg_12wk``), so a therapy that lowers
+pain by 0.9 NRS points has a prior effect of +0.9. PEG and pain NRS share the 0-10 scale;
+using NRS effects for PEG is an assumption (A) — PEG's pain item is the NRS, and its two
+interference items move with it in the trials cited.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from features.catalog import COMPONENT_CODES
+
+# clinical-evidence §3.3 "Suggested simulator effect parameters" (A, derived from §3.1–3.2):
+# mean additional NRS change vs usual care at 12 weeks, sign flipped to improvement.
+# Columns: LBP, LBP radicular, OA, neuropathic, fibromyalgia/primary.
+_EFFECT_TABLE = {
+    #                   LBP  LBP-rad  OA   neuro fibro
+    "pt": (0.9, 0.6, 1.0, 0.3, 0.8),
+    "cbt": (0.5, 0.4, 0.4, 0.3, 0.5),
+    "mbsr": (0.6, 0.4, 0.4, 0.3, 0.5),
+    "acupuncture": (1.0, 0.6, 1.0, 0.3, 0.6),
+    "diet": (0.2, 0.1, 0.4, 0.1, 0.2),
+    "yoga": (0.5, 0.3, 0.6, 0.2, 0.7),
+    "nsaid": (0.4, 0.3, 1.0, 0.0, 0.0),
+    "snri": (0.7, 0.5, 0.8, 1.0, 1.0),
+    "tca": (0.5, 0.5, 0.3, 1.2, 1.0),
+    "gabapentinoid": (0.0, 0.0, 0.0, 0.8, 0.7),
+    "muscle_relaxant": (0.2, 0.1, 0.0, 0.0, 0.3),
+    "opioid": (0.7, 0.5, 0.5, 0.9, 0.0),
+}
+_GROUPS = ("lbp", "lbp_radicular", "oa", "neuropathic", "primary")
+EFFECT_PRIOR = pd.DataFrame(_EFFECT_TABLE, index=list(_GROUPS)).T.loc[list(COMPONENT_CODES)]
+
+# Conditions the table has no column for (A): neck pain is treated like non-radicular LBP
+# (musculoskeletal spinal pain; ACP 2017 evidence pools them), headache and "other" like
+# chronic primary pain (NICE NG193 scope). Radicular LBP = low_back with a neuropathic
+# component (evidence §4 "Radicular back pain").
+CONDITION_GROUP = {
+    "low_back": "lbp",
+    "neck": "lbp",
+    "osteoarthritis": "oa",
+    "neuropathic": "neuropathic",
+    "fibromyalgia": "primary",
+    "headache": "primary",
+    "other": "primary",
+}
+
+# clinical-evidence §3.3 combination rule (A): total = sum of effects x 0.7 for two active
+# components, x 0.6 for three or more (no trial supports full additivity).
+COMBINATION_FACTOR = {1: 1.0, 2: 0.7}
+COMBINATION_FACTOR_3PLUS = 0.6
+
+
+def combination_factor(n_components: np.ndarray) -> np.ndarray:
+    k = np.asarray(n_components)
+    return np.where(k <= 1, 1.0, np.where(k == 2, COMBINATION_FACTOR[2], COMBINATION_FACTOR_3PLUS))
+
+
+# clinical-evidence §5.1: treatment-limiting adverse-event probability attributable to each
+# component over 12 weeks (excess over placebo/usual care where the source gives both).
+AE_PRIOR = pd.Series(
+    {
+        "pt": 0.02,  # exercise: transient pain increase, serious AEs rare (WHO review 2023, V) — A
+        "cbt": 0.005,  # no meaningful physical AEs (Williams 2020, M)
+        "mbsr": 0.005,  # occasional distress with meditation (M)
+        "acupuncture": 0.01,  # minor AEs ~4 %, rarely treatment-limiting (Zhao 2011, V) — A
+        "diet": 0.005,  # low (A/M)
+        "yoga": 0.02,  # as exercise (V) — A
+        "nsaid": 0.05,  # GI complications 2-4x, CV events (CNT 2013, V) — A magnitude
+        "snri": 0.07,  # AE withdrawal 15 % vs 8 % (Sultan 2008, V)
+        "tca": 0.075,  # NNH 13.4 (Finnerup 2015, V)
+        "gabapentinoid": 0.055,  # NNH 13.9 pregabalin / 25.6 gabapentin (Finnerup 2015, V), averaged
+        "muscle_relaxant": 0.06,  # sedation, dizziness (Beers 2023 via summaries, V2) — A magnitude
+        "opioid": 0.22,  # AE withdrawal 27 % vs 5 % (CFP table, V, condition unconfirmed)
+    }
+).loc[list(COMPONENT_CODES)]
+
+
+def condition_groups(patients: pd.DataFrame) -> np.ndarray:
+    """Evidence-table column for each patient (array of group names)."""
+    cond = patients["pain_condition"].astype(str).map(CONDITION_GROUP).to_numpy(dtype=object)
+    radicular = patients.get("neuropathic_component")
+    if radicular is not None:
+        rad = radicular.astype("boolean").fillna(False).to_numpy(dtype=bool)
+        cond = np.where(
+            (patients["pain_condition"].astype(str).to_numpy() == "low_back") & rad,
+            "lbp_radicular",
+            cond,
+        )
+    return cond
+
+
+def prior_effects(patients: pd.DataFrame) -> np.ndarray:
+    """(n, 12) prior single-component improvement (PEG points) for each patient."""
+    groups = condition_groups(patients)
+    table = EFFECT_PRIOR.to_numpy().T  # (5 groups, 12)
+    index = np.array([_GROUPS.index(g) for g in groups], dtype=int)
+    return table[index].astype(float)

@@ -1,0 +1,154 @@
+"""SHAP explanations of a plan's utility, and of why one plan ranks above another.
+
+The model is linear in the plan basis (see :mod:`recommender.model`): for patient x and plan a
+
+    utility(x, a) = baseline(x) + ψ(a)·τ(x) − λ·P_AE(x, a)
+
+``baseline(x)`` is the same for every plan, so what distinguishes plans is the *plan part*
+``ψ(a)·τ(x) − λ·P_AE``. Its SHAP values are exact linear combinations of LightGBM's TreeSHAP
+values for each coefficient output (``pred_contrib``), plus the evidence prior's deviation
+from the average patient, which depends only on the pain condition and is attributed to it.
+The adverse-event part is explained in log-odds and mapped to probability with the secant
+slope, so contributions add up exactly:
+
+    plan part = base value + Σ_f contribution_f      (PEG points)
+
+and for a contrast A vs B the contributions sum to utility(A) − utility(B).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from features.catalog import COMPONENT_BY_CODE, COMPONENT_CODES, PLAN_INDEX, PLANS
+from features.schema import COLUMNS_BY_NAME
+
+_LABELS = {
+    "phq9": "PHQ-9", "gad7": "GAD-7", "peg": "PEG", "pcs": "pain catastrophising (PCS)",
+    "isi": "insomnia severity (ISI)", "egfr": "eGFR", "bmi": "BMI", "age": "age",
+    "pain_intensity": "pain intensity", "pain_duration_months": "pain duration (months)",
+    "pain_condition": "pain condition", "neuropathic_component": "neuropathic component",
+    "activity_min_week": "activity (min/week)", "alcohol_units_week": "alcohol (units/week)",
+    "diet_quality": "diet quality",
+}
+_N = len(COMPONENT_CODES)
+
+
+def feature_label(name: str) -> str:
+    if name in _LABELS:
+        return _LABELS[name]
+    if name.startswith("prior_"):
+        return f"prior response to {name[6:].replace('_', ' ')}"
+    return COLUMNS_BY_NAME[name].description if name in COLUMNS_BY_NAME else name
+
+
+def _display(name: str, raw: float) -> str:
+    col = COLUMNS_BY_NAME.get(name)
+    if raw is None or (isinstance(raw, float) and np.isnan(raw)):
+        return "missing"
+    if col is not None and col.levels:
+        return col.levels[int(raw)]
+    if col is not None and col.dtype == "bool":
+        return "yes" if raw else "no"
+    return f"{round(float(raw), 1):g}"
+
+
+def _parts(model, patient: pd.DataFrame, plan_idx: np.ndarray):
+    """Base value (P,) and per-feature contributions (P, d) of the plan part, for one patient.
+
+    Also returns the per-(component, feature) effect contributions (P, K, d) for phrasing.
+    """
+    X = model.encoder_.transform(patient)
+    d = X.shape[1]
+    phi_tau = model.effect_model_.contributions(X)[0]  # (K', d+1)
+    if not model.orthogonalize:
+        phi_tau = phi_tau[1:]
+    B = model.effect_basis_[plan_idx]  # (P, K)
+    prior = model._prior_theta(patient)[0]
+    prior_dev = prior - model.tau_prior_mean_
+    base_eff = B @ (model.tau_prior_mean_ + phi_tau[:, d])
+    per_comp = B[:, :, None] * phi_tau[None, :, :d]  # (P, K, d)
+    eff = per_comp.sum(1)
+    cond = model.encoder_.feature_names_.index("pain_condition")
+    eff[:, cond] += B @ prior_dev
+    per_comp[:, :, cond] += B * prior_dev[None, :]
+
+    phi_beta = model.ae_model_.contributions(X)[0]  # (K_AE, d+1)
+    A = model.ae_basis_[plan_idx]
+    beta0 = model._prior_ae(1)[0]
+    logit_base = A @ (beta0 + phi_beta[:, d])
+    logit_f = A @ phi_beta[:, :d]  # (P, d)
+    logit = logit_base + logit_f.sum(1)
+    p, p_base = 1 / (1 + np.exp(-logit)), 1 / (1 + np.exp(-logit_base))
+    gap = logit - logit_base
+    slope = np.where(np.abs(gap) > 1e-9, (p - p_base) / np.where(np.abs(gap) > 1e-9, gap, 1), p * (1 - p))
+    lam = model.lambda_ae
+    harm = -lam * slope[:, None] * logit_f
+    return base_eff - lam * p_base, eff + harm, per_comp, harm, X[0]
+
+
+def _phrase(name: str, value: str, comp_contrib: np.ndarray, harm: float, total: float) -> str:
+    label = feature_label(name)
+    col = COLUMNS_BY_NAME.get(name)
+    categorical = col is not None and (col.levels or col.dtype == "bool")
+    subject = f"{label} ({value})" if categorical else f"{label} of {value}"
+    if np.abs(comp_contrib).max(initial=0) >= abs(harm):
+        j = int(np.argmax(np.abs(comp_contrib)))
+        what = (f"the expected benefit of {COMPONENT_BY_CODE[COMPONENT_CODES[j]].name}"
+                if j < _N else "the expected benefit of a plan this size")
+        verb = "raised" if comp_contrib[j] > 0 else "lowered"
+        return f"{subject} {verb} {what} by {abs(comp_contrib[j]):.2f} points"
+    verb = "lowered" if harm < 0 else "raised"
+    return f"{subject} {verb} the utility through adverse-event risk by {abs(harm):.2f} points"
+
+
+def _items(model, contrib, per_comp, harm, x, top_n: int) -> list[dict]:
+    names = model.encoder_.feature_names_
+    order = np.argsort(-np.abs(contrib), kind="stable")
+    items = []
+    for f in order[:top_n]:
+        if abs(contrib[f]) < 5e-4:
+            break
+        value = _display(names[f], x[f])
+        items.append({"feature": names[f], "value": value, "shap": round(float(contrib[f]), 4),
+                      "phrase": _phrase(names[f], value, per_comp[:, f], harm[f], contrib[f])})
+    rest = float(contrib[order[len(items):]].sum())
+    if abs(rest) >= 5e-4:
+        items.append({"feature": "other features", "value": "", "shap": round(rest, 4),
+                      "phrase": f"all other features together moved it by {rest:+.2f} points"})
+    return items
+
+
+def explain_plans(model, patient: pd.DataFrame, plans, top_n: int = 6) -> list[dict]:
+    """Explanation of each plan's utility for one patient (a one-row validated frame)."""
+    idx = np.array([PLAN_INDEX[p] if isinstance(p, str) else int(p) for p in plans])
+    base, contrib, per_comp, harm, x = _parts(model, patient, idx)
+    out = []
+    for k, i in enumerate(idx):
+        out.append({
+            "plan": PLANS[i], "base_value": round(float(base[k]), 4),
+            "plan_effect": round(float(base[k] + contrib[k].sum()), 4),
+            "contributions": _items(model, contrib[k], per_comp[k], harm[k], x, top_n),
+            "note": "SHAP values in PEG points on this plan's utility relative to usual care; "
+                    "base_value is the average patient's; they add up to plan_effect",
+        })
+    return out
+
+
+def explain_contrast(model, patient: pd.DataFrame, plan_a: str, plan_b: str, top_n: int = 8) -> dict:
+    """Which features make plan A rank above (or below) plan B, summing to the utility gap."""
+    idx = np.array([PLAN_INDEX[plan_a], PLAN_INDEX[plan_b]])
+    base, contrib, per_comp, harm, x = _parts(model, patient, idx)
+    diff = contrib[0] - contrib[1]
+    base_gap = float(base[0] - base[1])
+    items = _items(model, diff, per_comp[0] - per_comp[1], harm[0] - harm[1], x, top_n)
+    gap = base_gap + float(diff.sum())
+    return {
+        "plan_a": plan_a, "plan_b": plan_b, "utility_gap": round(gap, 4),
+        "average_patient_gap": round(base_gap, 4),
+        "contributions": items,
+        "summary": (f"{plan_a} is expected to be {abs(gap):.2f} PEG points "
+                    f"{'better' if gap >= 0 else 'worse'} than {plan_b} for this patient "
+                    f"({base_gap:+.2f} for the average patient)"),
+    }

@@ -1,0 +1,226 @@
+"""The ``painplan`` command line (CONTRACT §6).
+
+Thin by design: each command parses its options, builds the frozen config of the stage it
+runs, calls the same ``run`` function the tests call, and maps known errors to a
+one-paragraph message and a non-zero exit code (tracebacks only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from features.errors import ConfigError, ContractError, ModelError, PainplanError
+
+EXIT_CONTRACT = 2
+EXIT_MODEL = 3
+EXIT_CONFIG = 4
+EXIT_OTHER = 1
+
+log = logging.getLogger("painplan")
+
+_COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+
+def command(name: str):
+    """Register a function that adds a subcommand's options and sets its handler."""
+
+    def deco(fn):
+        _COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+# --- validate -------------------------------------------------------------------------------
+
+@command("validate")
+def _validate_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE",
+                   help="a .csv or .parquet file of patients (CONTRACT §2) or episodes (§3)")
+    p.add_argument("--kind", choices=["auto", "patients", "episodes"], default="auto",
+                   help="what the file holds; 'auto' (default) treats it as episodes when it has "
+                        "any episode column (episode_id, plan, peg_12wk, adverse_event)")
+    p.set_defaults(handler=_validate)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from features.io import read_table
+    from features.validate import guess_kind, validate
+
+    df = read_table(args.file)
+    kind = guess_kind(df.columns) if args.kind == "auto" else args.kind
+    result = validate(df, kind=kind)  # warnings (ignored extra columns) are logged by validate
+    print(f"{args.file}: {len(result.frame)} {kind} row(s) conform to the painplan contract")
+    return 0
+
+
+# --- simulate -------------------------------------------------------------------------------
+
+@command("simulate")
+def _simulate_parser(p: argparse.ArgumentParser) -> None:
+    from training.simulate import add_cli_options
+
+    add_cli_options(p)
+
+
+# --- train / promote / recommend ------------------------------------------------------------
+
+def _stage(message: str) -> None:
+    """Progress of long commands, on stderr so stdout stays the result."""
+    print(f"painplan: {message}", file=sys.stderr, flush=True)
+
+
+@command("train")
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="episode file (.csv or .parquet, CONTRACT §3)")
+    p.add_argument("--config", metavar="FILE", help="YAML training config (TrainConfig fields)")
+    p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: painplan)")
+    p.add_argument("--truth", metavar="FILE",
+                   help="simulator truth file from 'painplan simulate --truth' for evaluation")
+    p.add_argument("--promote", action="store_true", default=None,
+                   help="make the new version champion if it is safe and at least as good")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed (default: from config, 0)")
+    p.add_argument("--model-name", metavar="NAME", help="registered model name (default: painplan)")
+    p.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig
+    from training.pipeline import run
+
+    config = TrainConfig.from_file(
+        args.config, data=args.data, experiment=args.experiment, truth=args.truth,
+        promote=args.promote, seed=args.seed, model_name=args.model_name,
+    )
+    result = run(config, progress=_stage)
+    print(f"run id: {result.run_id}")
+    print(f"model URI: {result.model_uri}")
+    if result.promotion is not None:
+        verdict = "promoted" if result.promotion.promoted else "not promoted"
+        print(f"promotion: {verdict}: {result.promotion.reason}")
+    return 0
+
+
+@command("promote")
+def _promote_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", metavar="V", help="registered version (default: the latest)")
+    p.add_argument("--model-name", metavar="NAME", default="painplan",
+                   help="registered model name (default: painplan)")
+    p.set_defaults(handler=_promote)
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from training.register import latest_version, promote
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    version = args.version or latest_version(args.model_name)
+    decision = promote(version, model_name=args.model_name)
+    verdict = "promoted" if decision.promoted else "not promoted"
+    print(f"{args.model_name} version {version}: {verdict}: {decision.reason}")
+    return 0 if decision.promoted else 1
+
+
+def _top_k(text: str) -> int:
+    from recommender.recommend import MAX_TOP_K
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_TOP_K:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number between 1 and {MAX_TOP_K}, got {text!r}")
+    return value
+
+
+@command("recommend")
+def _recommend_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--patients", required=True, metavar="FILE",
+                   help="patient file (.csv or .parquet, CONTRACT §2)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="ranked plans to write (.csv or .parquet, CONTRACT §7)")
+    p.add_argument("--top-k", type=_top_k, default=5, metavar="K",
+                   help="plans per patient, 1-50 (default: 5)")
+    p.add_argument("--model", metavar="URI",
+                   help="models:/painplan@champion (default), models:/painplan/3, or a local "
+                        "model bundle directory")
+    p.add_argument("--model-name", metavar="NAME", default="painplan",
+                   help="registered model whose champion is the default (default: painplan)")
+    p.set_defaults(handler=_recommend)
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from training.pipeline import recommend_file
+
+    n = recommend_file(args.patients, args.out, model=args.model, top_k=args.top_k,
+                       model_name=args.model_name, progress=_stage)
+    print(f"{args.out}: {n} ranked plan row(s) written")
+    return 0
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+@command("demo")
+def _demo_parser(p: argparse.ArgumentParser) -> None:
+    from training.demo import add_cli_options
+
+    add_cli_options(p)
+
+
+_HELP = {
+    "demo": "from nothing: simulate, validate, train, register and promote a champion",
+    "validate": "check a patient or episode file against the contract; list every violation",
+    "simulate": "write a synthetic, literature-calibrated cohort of treatment episodes",
+    "train": "validate episodes, fit, evaluate, log an MLflow run and register a model version",
+    "promote": "make a registered version champion if it is safe and at least as good",
+    "recommend": "rank plans for every patient in a file with the champion (or given) model",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="painplan",
+        description="Personalised, safety-gated chronic-pain treatment plans: simulate, validate, "
+                    "train, recommend and serve.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, add in _COMMANDS.items():
+        add(sub.add_parser(name, help=_HELP.get(name, ""), description=_HELP.get(name, "")))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except ContractError as err:
+        return _fail(args, err, EXIT_CONTRACT)
+    except ModelError as err:
+        return _fail(args, err, EXIT_MODEL)
+    except ConfigError as err:
+        return _fail(args, err, EXIT_CONFIG)
+    except PainplanError as err:
+        return _fail(args, err, EXIT_OTHER)
+    except KeyboardInterrupt:
+        print("painplan: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(args: argparse.Namespace, err: Exception, code: int) -> int:
+    if args.debug:
+        raise err
+    print(f"painplan {args.command}: error: {err}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
