@@ -112,6 +112,20 @@ def effect_basis() -> tuple[np.ndarray, tuple[str, ...]]:
     return np.hstack([scaled, size]), names
 
 
+def burden_basis(component_effects: np.ndarray) -> np.ndarray:
+    """(n, 839) patient-dependent basis column: (plan size − 1) × the plan's expected effect.
+
+    Adherence falls as plans grow (clinical-evidence §4, Cherkin 2016 attendance) and what is
+    lost is a share of the benefit, so the loss is proportional to the effect itself: a
+    patient who responds strongly to one component loses more by diluting it. An additive
+    size term cannot express that; this column's coefficient can (its value is learned).
+    """
+    m = plan_matrix().astype(float)
+    k = m.sum(1)
+    weights = m * combination_factor(k)[:, None]  # (839, 12)
+    return (k - 1)[None, :] * (np.asarray(component_effects, float) @ weights.T)
+
+
 def ae_basis() -> tuple[np.ndarray, tuple[str, ...]]:
     """(839, K) basis of the adverse-event log-odds: intercept, components, class pairs."""
     m = plan_matrix().astype(float)
@@ -122,3 +136,4 @@ def ae_basis() -> tuple[np.ndarray, tuple[str, ...]]:
     extra = np.column_stack([cns >= 2, bleeding, n_drug >= 2]).astype(float)
     names = ("baseline",) + tuple(COMPONENT_CODES) + ("two_cns_drugs", "nsaid+snri", "two_drugs")
     return np.hstack([np.ones((len(PLANS), 1)), m, extra]), names
+

@@ -97,9 +97,36 @@ def condition_groups(patients: pd.DataFrame) -> np.ndarray:
     return cond
 
 
+# clinical-evidence §4 modifiers built into the prior (magnitudes the sheet gives are used;
+# where it gives only a direction the magnitude is an assumption, A):
+# - "Baseline pain severity" (E): higher baseline → larger absolute drop. Effects in §3.3 are
+#   for trial populations with a baseline near 6/10 (A, Breivik: most moderate 5–7), so the
+#   prior scales with PEG / 6, kept within [0.5, 1.5].
+SEVERITY_REFERENCE_PEG = 6.0
+SEVERITY_RANGE = (0.5, 1.5)
+# - "Prior non-response to a drug class" (P/A): ×0.5 within class (sheet's magnitude); for
+#   non-drug components the sheet is silent, ×0.75 (A).
+# - "Prior response to a class" (A): higher chance on re-challenge, ×1.3 (A).
+PRIOR_RESPONSE_FACTOR = {"no_response": {"drug": 0.5, "non-drug": 0.75}, "responded": 1.3}
+
+
 def prior_effects(patients: pd.DataFrame) -> np.ndarray:
     """(n, 12) prior single-component improvement (PEG points) for each patient."""
+    from features.catalog import COMPONENT_BY_CODE
+
     groups = condition_groups(patients)
     table = EFFECT_PRIOR.to_numpy().T  # (5 groups, 12)
     index = np.array([_GROUPS.index(g) for g in groups], dtype=int)
-    return table[index].astype(float)
+    effect = table[index].astype(float)
+    peg = pd.to_numeric(patients["peg"], errors="coerce").to_numpy(dtype=float)
+    severity = np.clip(np.nan_to_num(peg / SEVERITY_REFERENCE_PEG, nan=1.0), *SEVERITY_RANGE)
+    effect *= severity[:, None]
+    for c, code in enumerate(COMPONENT_CODES):
+        column = f"prior_{code}"
+        if column not in patients.columns:
+            continue
+        prior = patients[column].astype(str).to_numpy()
+        kind = COMPONENT_BY_CODE[code].kind
+        effect[prior == "no_response", c] *= PRIOR_RESPONSE_FACTOR["no_response"][kind]
+        effect[prior == "responded", c] *= PRIOR_RESPONSE_FACTOR["responded"]
+    return effect

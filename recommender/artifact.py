@@ -274,8 +274,15 @@ def load_bundle(
 
 # A minimal contract patient (CONTRACT §2 required columns only), scored once on load.
 _SMOKE_PATIENT = {
-    "patient_id": "smoke-test", "age": 50, "sex": "female", "pain_condition": "low_back",
-    "pain_duration_months": 12.0, "pain_intensity": 5.0, "peg": 5.0, "phq9": 5, "gad7": 5,
+    "patient_id": "smoke-test",
+    "age": 50,
+    "sex": "female",
+    "pain_condition": "low_back",
+    "pain_duration_months": 12.0,
+    "pain_intensity": 5.0,
+    "peg": 5.0,
+    "phq9": 5,
+    "gad7": 5,
 }
 
 
@@ -292,8 +299,8 @@ def _smoke_test(model: PlanOutcomeModel, directory: Path, meta: dict) -> None:
         estimates = model.predict_plans(patient)
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as err:
         raise IncompatibleModel(
-            f"the model in {directory} was saved by painplan {meta.get('code_version')} and "
-            f"cannot run under this version ({type(err).__name__}: {err}). Retrain it with "
+            f"the model in {directory} was saved by code version {meta.get('code_version')} "
+            f"and cannot run under this version ({type(err).__name__}: {err}). Retrain it with "
             "'painplan train', or run the painplan version it was built with."
         ) from err
     if not np.isfinite(estimates.utility).all():

@@ -62,12 +62,13 @@ def _parts(model, patient: pd.DataFrame, plan_idx: np.ndarray):
     X = model.encoder_.transform(patient)
     d = X.shape[1]
     phi_tau = model.effect_model_.contributions(X)[0]  # (K', d+1)
+    shift = model.effect_model_.gamma_[:, 0]  # the exactly-solved average correction (K')
     if not model.orthogonalize:
-        phi_tau = phi_tau[1:]
-    B = model.effect_basis_[plan_idx]  # (P, K)
+        phi_tau, shift = phi_tau[1:], shift[1:]
+    B = np.hstack([model.effect_basis_[plan_idx], model._burden(patient, plan_idx).T])  # (P, K)
     prior = model._prior_theta(patient)[0]
     prior_dev = prior - model.tau_prior_mean_
-    base_eff = B @ (model.tau_prior_mean_ + phi_tau[:, d])
+    base_eff = B @ (model.tau_prior_mean_ + shift + phi_tau[:, d])
     per_comp = B[:, :, None] * phi_tau[None, :, :d]  # (P, K, d)
     eff = per_comp.sum(1)
     cond = model.encoder_.feature_names_.index("pain_condition")
@@ -77,7 +78,7 @@ def _parts(model, patient: pd.DataFrame, plan_idx: np.ndarray):
     phi_beta = model.ae_model_.contributions(X)[0]  # (K_AE, d+1)
     A = model.ae_basis_[plan_idx]
     beta0 = model._prior_ae(1)[0]
-    logit_base = A @ (beta0 + phi_beta[:, d])
+    logit_base = A @ (beta0 + model.ae_model_.gamma_[:, 0] + phi_beta[:, d])
     logit_f = A @ phi_beta[:, :d]  # (P, d)
     logit = logit_base + logit_f.sum(1)
     p, p_base = 1 / (1 + np.exp(-logit)), 1 / (1 + np.exp(-logit_base))

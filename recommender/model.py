@@ -46,8 +46,14 @@ from scipy.stats import norm
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit
 
-from features.catalog import COMPONENT_CODES, N_PLANS, PLAN_INDEX
-from features.encode import PatientEncoder, ae_basis, effect_basis, schema_fingerprint
+from features.catalog import COMPONENT_CODES, N_PLANS, PLAN_INDEX, plan_matrix
+from features.encode import (
+    PatientEncoder,
+    ae_basis,
+    burden_basis,
+    effect_basis,
+    schema_fingerprint,
+)
 from features.priors import AE_PRIOR, prior_effects
 from features.schema import PEG, RESPONDER_FRACTION
 from recommender.boosting import VaryingCoefficientBooster
@@ -58,6 +64,7 @@ log = logging.getLogger(__name__)
 # baseline coefficient starts here and the data correct it.
 _BACKGROUND_AE = 0.02
 _N_COMPONENTS = len(COMPONENT_CODES)
+_NUISANCE_MAX_ROWS = 50_000
 
 
 def _logit(p):
@@ -99,6 +106,12 @@ class PlanOutcomeModel(BaseEstimator):
     learning_rate, num_leaves, min_data_in_leaf, lambda_l2, max_rounds : boosting settings.
     n_jobs : int, default=2
     random_state : int, default=0
+    engine : object, optional
+        Where the LightGBM learners are fitted; None (default) fits them in this process. An
+        engine provides ``regressor(**params)`` (an unfitted estimator whose ``fit`` returns a
+        fitted ``LGBMRegressor``) and ``train_booster`` (see ``VaryingCoefficientBooster.
+        trainer``), e.g. ``training.dask_learners.DaskLearners``. Fit-time only: training
+        clears it before the model is saved.
     """
 
     def __init__(
@@ -110,13 +123,14 @@ class PlanOutcomeModel(BaseEstimator):
         orthogonalize: bool = True,
         n_folds: int = 2,
         validation_fraction: float = 0.2,
-        learning_rate: float = 0.05,
-        num_leaves: int = 15,
+        learning_rate: float = 0.1,
+        num_leaves: int = 7,
         min_data_in_leaf: int = 40,
         lambda_l2: float = 10.0,
         max_rounds: int = 400,
         n_jobs: int = 2,
         random_state: int = 0,
+        engine=None,
     ):
         self.lambda_ae = lambda_ae
         self.interval_level = interval_level
@@ -131,6 +145,7 @@ class PlanOutcomeModel(BaseEstimator):
         self.max_rounds = max_rounds
         self.n_jobs = n_jobs
         self.random_state = random_state
+        self.engine = engine
 
     # ------------------------------------------------------------------ fitting
 
@@ -145,11 +160,14 @@ class PlanOutcomeModel(BaseEstimator):
             n_jobs=self.n_jobs,
             random_state=self.random_state,
         )
+        if self.engine is not None:
+            kw["trainer"] = self.engine.train_booster
         kw.update(overrides)
         return VaryingCoefficientBooster(**kw)
 
     def _regressor(self) -> lgb.LGBMRegressor:
-        return lgb.LGBMRegressor(
+        make = lgb.LGBMRegressor if self.engine is None else self.engine.regressor
+        return make(
             n_estimators=200,
             learning_rate=0.05,
             num_leaves=self.num_leaves,
@@ -162,12 +180,40 @@ class PlanOutcomeModel(BaseEstimator):
             verbose=-1,
         )
 
+    def _burden(self, patients: pd.DataFrame, plan_index: np.ndarray | None = None) -> np.ndarray:
+        """(n, P) burden column of the effect basis for the given plans (all by default)."""
+        plans = np.arange(N_PLANS) if plan_index is None else np.asarray(plan_index)
+        return burden_basis(prior_effects(patients))[:, plans]
+
+    def _logged_basis(self, patients: pd.DataFrame, plan_idx: np.ndarray) -> np.ndarray:
+        """(n, K) effect basis of each row's own plan: the static columns plus the burden."""
+        static = self.effect_basis_[plan_idx]
+        size = plan_matrix()[plan_idx].sum(1)
+        burden = (size - 1) * (static[:, :_N_COMPONENTS] * prior_effects(patients)).sum(1)
+        return np.hstack([static, burden[:, None]])
+
+    def _plan_effects(self, tau: np.ndarray, patients: pd.DataFrame, plan_index: np.ndarray) -> np.ndarray:
+        """(n, P) ψ(x, a)·τ(x): each plan's effect versus usual care."""
+        k = self.effect_basis_.shape[1]
+        return tau[:, :k] @ self.effect_basis_[plan_index].T + tau[:, k:k + 1] * self._burden(
+            patients, plan_index)
+
     def _prior_theta(self, patients: pd.DataFrame) -> np.ndarray:
         n = len(patients)
         theta = np.zeros((n, self.effect_names_.__len__()))
         if self.use_prior:
             theta[:, :_N_COMPONENTS] = prior_effects(patients)
         return theta
+
+    def _effect_design(self, patients: pd.DataFrame) -> np.ndarray:
+        """Design of the coefficients' linear part: one constant per output (the average
+        correction to the prior, solved exactly before the trees; see
+        :func:`recommender.boosting.linear_shift`)."""
+        k = len(self.effect_names_) + (0 if self.orthogonalize else 1)
+        return np.ones((len(patients), k, 1), dtype=np.float32)
+
+    def _ae_design(self, patients: pd.DataFrame) -> np.ndarray:
+        return np.ones((len(patients), len(self.ae_names_), 1), dtype=np.float32)
 
     def _prior_ae(self, n: int) -> np.ndarray:
         beta = np.zeros((n, len(self.ae_names_)))
@@ -205,9 +251,10 @@ class PlanOutcomeModel(BaseEstimator):
         self.schema_ = schema_fingerprint()
         X = self.encoder_.transform(patients)
         cat = self.encoder_.categorical_indices
-        self.effect_basis_, self.effect_names_ = effect_basis()
+        self.effect_basis_, names = effect_basis()
+        self.effect_names_ = names + ("burden",)
         self.ae_basis_, self.ae_names_ = ae_basis()
-        Bf = self.effect_basis_[plan_idx]
+        Bf = self._logged_basis(patients, plan_idx)
         Ba = self.ae_basis_[plan_idx]
 
         if n >= 20:
@@ -232,12 +279,20 @@ class PlanOutcomeModel(BaseEstimator):
                 if folds >= 2
                 else [(np.arange(len(tr)), np.arange(len(tr)))]
             )
+            rng = np.random.default_rng(self.random_state)
             for k, (a, b) in enumerate(splits):
                 ia, ib = tr[a], tr[b]
+                # Nuisances are smooth averages; past ~50k rows more data buys little accuracy
+                # but linear time, so each fold model learns from a sample of its folds (its
+                # predictions stay out-of-fold for every row it did not see).
+                if len(ia) > _NUISANCE_MAX_ROWS:
+                    ia = np.sort(rng.choice(ia, _NUISANCE_MAX_ROWS, replace=False))
+                stop = ib[: _NUISANCE_MAX_ROWS // 4]
                 m = self._regressor().fit(X[ia], y[ia], categorical_feature=cat)
-                e = self._booster("multi_l2", random_state=self.random_state + k).fit(
-                    X[ia], Bf[ia], validation={"X": X[ib], "y": Bf[ib]}, categorical=cat
-                )
+                e = self._booster(
+                    "multi_l2", random_state=self.random_state + k, learning_rate=0.2,
+                    max_rounds=150, early_stopping_rounds=15, num_leaves=15,
+                ).fit(X[ia], Bf[ia], validation={"X": X[stop], "y": Bf[stop]}, categorical=cat)
                 m_hat[ib] = m.predict(X[ib])
                 e_hat[ib] = e.predict_raw(X[ib])
                 self.m_models_.append(m)
@@ -259,14 +314,19 @@ class PlanOutcomeModel(BaseEstimator):
         # The average patient's prior, so explanations can split "what evidence expects for
         # everyone" (base value) from "what is different about this patient's condition".
         self.tau_prior_mean_ = self._prior_theta(patients.iloc[tr]).mean(0)
+        Z = self._effect_design(patients)
         self.effect_model_ = self._booster("l2").fit(
             X[tr],
             target[tr],
             B=B_eff[tr],
             theta0=theta0[tr],
             categorical=cat,
-            validation={"X": X[va], "y": target[va], "B": B_eff[va], "theta0": theta0[va]},
+            Z=Z[tr],
+            B_scale=(Bf if self.orthogonalize else B_eff)[tr],
+            validation={"X": X[va], "y": target[va], "B": B_eff[va], "theta0": theta0[va],
+                        "Z": Z[va]},
         )
+        del Z
 
         # Adverse events: logit P(AE | x, a) = ψ_AE(a) · β(x), from the §5.1 rates.
         say("fitting the adverse-event model")
@@ -278,14 +338,17 @@ class PlanOutcomeModel(BaseEstimator):
         beta0 = self._prior_ae(n)
         # Logistic hessians p(1-p) are ~4x smaller than the effect model's basis hessians, so
         # the same prior strength (≈ rows of evidence per leaf) needs a 4x smaller L2 penalty.
+        Z = self._ae_design(patients)
         self.ae_model_ = self._booster("logistic", lambda_l2=self.lambda_l2 / 4).fit(
             X[tr],
             ae[tr],
             B=Ba[tr],
             theta0=beta0[tr],
             categorical=cat,
-            validation={"X": X[va], "y": ae[va], "B": Ba[va], "theta0": beta0[va]},
+            Z=Z[tr],
+            validation={"X": X[va], "y": ae[va], "B": Ba[va], "theta0": beta0[va], "Z": Z[va]},
         )
+        del Z
 
         # Residual scale and split-conformal calibration of the interval.
         say("calibrating intervals")
@@ -314,11 +377,11 @@ class PlanOutcomeModel(BaseEstimator):
         theta0 = self._prior_theta(patients)
         if not self.orthogonalize:
             theta0 = np.hstack([np.full((len(X), 1), self.intercept0_), theta0])
-        return theta0 + self.effect_model_.predict_raw(X)
+        return theta0 + self.effect_model_.predict_raw(X, self._effect_design(patients))
 
     def _expected_improvement_logged(self, X, patients, plan_idx) -> np.ndarray:
         coef = self.patient_coefficients(patients, X=X)
-        Bf = self.effect_basis_[plan_idx]
+        Bf = self._logged_basis(patients, plan_idx)
         return coef["baseline"] + (Bf * coef["tau"]).sum(1)
 
     def patient_coefficients(self, patients: pd.DataFrame, X: np.ndarray | None = None) -> dict:
@@ -335,7 +398,7 @@ class PlanOutcomeModel(BaseEstimator):
             baseline = m - (e * tau).sum(1)
         else:
             baseline, tau = tau[:, 0], tau[:, 1:]
-        beta = self._prior_ae(len(X)) + self.ae_model_.predict_raw(X)
+        beta = self._prior_ae(len(X)) + self.ae_model_.predict_raw(X, self._ae_design(patients))
         scale = (
             np.maximum(self.scale_model_.predict(X), 0.05)
             if hasattr(self, "scale_model_")
@@ -351,7 +414,7 @@ class PlanOutcomeModel(BaseEstimator):
         plan_index = np.arange(N_PLANS) if plan_index is None else np.asarray(plan_index)
         coef = coefficients or self.patient_coefficients(patients)
         peg = pd.to_numeric(patients[PEG]).to_numpy(dtype=float)[:, None]
-        ei = coef["baseline"][:, None] + coef["tau"] @ self.effect_basis_[plan_index].T
+        ei = coef["baseline"][:, None] + self._plan_effects(coef["tau"], patients, plan_index)
         # Improvement is bounded by the scale: peg_12wk ∈ [0, 10].
         ei = np.clip(ei, peg - 10.0, peg)
         half = (self.conformal_q_ * coef["scale"])[:, None]

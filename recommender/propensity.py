@@ -11,6 +11,7 @@ logged, recommended or never seen — can be evaluated, which is what off-policy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import lightgbm as lgb
 import numpy as np
@@ -42,6 +43,9 @@ class LoggingPolicyModel:
     clip: float = 1e-4
     n_jobs: int = 2
     random_state: int = 0
+    # Where the classifier is fitted: None here, or an engine with ``classifier(**params)``
+    # (training.dask_learners.DaskLearners). Fit-time only: training clears it before saving.
+    engine: Any = field(default=None, repr=False, compare=False)
     model_: lgb.LGBMClassifier | None = field(default=None, repr=False)
 
     def fit(self, X: np.ndarray, plan_index: np.ndarray) -> LoggingPolicyModel:
@@ -50,7 +54,8 @@ class LoggingPolicyModel:
         if len(rows) > self.max_episodes:
             rows = rng.choice(rows, self.max_episodes, replace=False)
         Xs, ys = _stack(X[rows], plan_matrix()[plan_index[rows]])
-        self.model_ = lgb.LGBMClassifier(
+        make = lgb.LGBMClassifier if self.engine is None else self.engine.classifier
+        self.model_ = make(
             n_estimators=self.n_estimators,
             learning_rate=self.learning_rate,
             num_leaves=self.num_leaves,

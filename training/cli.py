@@ -163,6 +163,69 @@ def _recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve / export-outcomes (the HTTP service, CONTRACT §8) -------------------------------
+
+@command("serve")
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=3000, metavar="P", help="port (default: 3000)")
+    p.add_argument("--host", default="127.0.0.1", metavar="HOST",
+                   help="interface to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--model-tag", metavar="TAG",
+                   help="BentoML model tag to serve (default: PAINPLAN_MODEL_TAG, else the "
+                        "MLflow champion, imported into the BentoML store when needed)")
+    p.add_argument("--model-name", default="painplan", metavar="NAME",
+                   help="registered model whose champion is served (default: painplan)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes, each with its own copy of the model (default: 1)")
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from training.serving import ServeConfig, resolve_tag, run_until_stopped, start_server
+
+    config = ServeConfig(host=args.host, port=args.port, model_tag=args.model_tag,
+                         model_name=args.model_name, workers=args.workers)
+    tag = resolve_tag(config)
+    _stage(f"serving {tag} at {config.url} (Ctrl-C stops)")
+    return run_until_stopped(start_server(config, tag))
+
+
+@command("export-outcomes")
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="episode file to write (.csv or .parquet, CONTRACT §3)")
+    p.add_argument("--audit-url", metavar="URL",
+                   help="audit store (default: PAINPLAN_AUDIT_URL, else "
+                        "sqlite:///$PAINPLAN_HOME/audit.db)")
+    p.set_defaults(handler=_export_outcomes)
+
+
+def _export_outcomes(args: argparse.Namespace) -> int:
+    import os
+
+    from features.io import write_table
+    from features.validate import validate
+    from recommender.audit import AuditStore
+    from recommender.settings import AUDIT_URL_ENV, default_audit_url
+
+    url = args.audit_url or os.environ.get(AUDIT_URL_ENV, "").strip() or default_audit_url()
+    store = AuditStore(url)
+    try:
+        episodes = store.outcome_episodes()
+    finally:
+        store.close()
+    if len(episodes) == 0:
+        raise ConfigError(f"the audit store {store!r} holds no reported outcomes yet; report "
+                          "them with POST /outcomes first")
+    # The same check 'painplan train' runs, so the file is accepted there.
+    validate(episodes, "episodes")
+    write_table(episodes, args.out)
+    shown = int(episodes["propensity"].notna().sum())
+    print(f"{args.out}: {len(episodes)} episode(s) written ({shown} with a propensity: the "
+          "plan was among those shown)")
+    return 0
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 @command("demo")
@@ -173,12 +236,14 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
 
 
 _HELP = {
-    "demo": "from nothing: simulate, validate, train, register and promote a champion",
+    "demo": "from nothing: simulate, validate, train, promote a champion and serve it",
     "validate": "check a patient or episode file against the contract; list every violation",
     "simulate": "write a synthetic, literature-calibrated cohort of treatment episodes",
     "train": "validate episodes, fit, evaluate, log an MLflow run and register a model version",
     "promote": "make a registered version champion if it is safe and at least as good",
     "recommend": "rank plans for every patient in a file with the champion (or given) model",
+    "serve": "serve the HTTP API (CONTRACT §8) with the champion model",
+    "export-outcomes": "write outcomes reported to the service as an episode file for retraining",
 }
 
 

@@ -22,8 +22,8 @@ class ModelParams:
     orthogonalize: bool = True
     n_folds: int = 2
     validation_fraction: float = 0.2
-    learning_rate: float = 0.05
-    num_leaves: int = 15
+    learning_rate: float = 0.1
+    num_leaves: int = 7
     min_data_in_leaf: int = 40
     lambda_l2: float = 10.0
     max_rounds: int = 400

@@ -231,7 +231,8 @@ def evaluate(bundle, test: pd.DataFrame, *, train: pd.DataFrame | None = None,
         choice = {"model": T["order"][:, 0], "guideline": T["guideline"]}
         if train is not None:
             say("fitting the plain S-learner baseline")
-            s = SLearner(lambda_ae=lam, random_state=seed).fit(
+            n_jobs = config.model.n_jobs if config is not None else 2
+            s = SLearner(lambda_ae=lam, random_state=seed, n_jobs=n_jobs).fit(
                 train, train[PLAN], (pd.to_numeric(train[PEG]) - pd.to_numeric(train[PEG_12WK])),
                 train[ADVERSE_EVENT].astype(int))
             sub = np.arange(min(len(truth.patients), S_LEARNER_MAX_PATIENTS))

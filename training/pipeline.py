@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,7 @@ from recommender.artifact import ModelBundle, package_versions, save_bundle
 from recommender.model import PlanOutcomeModel
 from recommender.propensity import LoggingPolicyModel
 from recommender.safety import RULESET_VERSION
+from training import batch as _batch
 from training.config import TrainConfig
 from training.data import load_episodes, pseudonymise, split
 from training.register import (
@@ -47,6 +49,7 @@ from training.register import (
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+Engine = Literal["local", "dask"]  # where LightGBM fits and batch scoring run
 _ID_COLUMNS = (PATIENT_ID, "episode_id")
 
 
@@ -65,11 +68,19 @@ def code_version() -> str:
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=root, capture_output=True, text=True, timeout=5, check=True,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, timeout=5, check=True,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         return f"git:{sha}{'-dirty' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
@@ -115,12 +126,46 @@ def truth_long(truth) -> pd.DataFrame:
 
 
 def fit_bundle(
-    train: pd.DataFrame, config: TrainConfig, *, progress: Progress | None = None
+    train: pd.DataFrame,
+    config: TrainConfig,
+    *,
+    progress: Progress | None = None,
+    engine: Engine = "local",
+    scheduler: str | None = None,
 ) -> ModelBundle:
-    """Fit the outcome model and the logging-policy model on training episodes."""
+    """Fit the outcome model and the logging-policy model on training episodes.
+
+    ``engine="dask"`` fits their LightGBM learners with ``lightgbm.dask`` on a Dask cluster
+    (``scheduler`` address, else a local cluster for the call; see
+    :mod:`training.dask_learners`); everything else runs here, and the bundle is the same kind
+    of object as with ``engine="local"`` (no reference to the cluster is kept).
+    """
     say = progress or log.info
+    _check_engine(engine, scheduler)
+    if engine == "local":
+        return _fit_bundle(train, config, say, engine=None)
+    from training.dask_cluster import cluster
+    from training.dask_learners import DaskLearners, detach
+
+    with cluster(scheduler, progress=say) as client:
+        bundle = _fit_bundle(train, config, say, engine=DaskLearners(client, progress=say))
+    detach(bundle.model, bundle.policy)
+    return bundle
+
+
+def _check_engine(engine: str, scheduler: str | None) -> None:
+    from features.errors import ConfigError
+
+    if engine not in ("local", "dask"):
+        raise ConfigError(f"engine must be 'local' or 'dask', got {engine!r}")
+    if engine == "local" and scheduler is not None:
+        raise ConfigError(f"a scheduler address ({scheduler}) only applies to the Dask engine; "
+                          "add --engine dask, or drop --scheduler to run in this process")
+
+
+def _fit_bundle(train: pd.DataFrame, config: TrainConfig, say: Progress, *, engine) -> ModelBundle:
     params = vars(config.model)
-    model = PlanOutcomeModel(**params, random_state=config.seed)
+    model = PlanOutcomeModel(**params, random_state=config.seed, engine=engine)
     model.fit(
         train,
         plans=train[PLAN].to_numpy(),
@@ -130,14 +175,25 @@ def fit_bundle(
         progress=say,
     )
     say("fitting the logging-policy model (for off-policy evaluation)")
-    policy = LoggingPolicyModel(n_jobs=config.model.n_jobs, random_state=config.seed).fit(
+    policy = LoggingPolicyModel(n_jobs=config.model.n_jobs, random_state=config.seed,
+                                engine=engine).fit(
         model.encoder_.transform(train), np.array([PLAN_INDEX[p] for p in train[PLAN]])
     )
     return ModelBundle(model=model, policy=policy, metadata={})
 
 
-def run(config: TrainConfig, *, progress: Progress | None = None) -> RunResult:
-    """Train, evaluate, log and register one model; promote it when ``config.promote``."""
+def run(
+    config: TrainConfig,
+    *,
+    progress: Progress | None = None,
+    engine: Engine = "local",
+    scheduler: str | None = None,
+) -> RunResult:
+    """Train, evaluate, log and register one model; promote it when ``config.promote``.
+
+    ``engine``/``scheduler`` choose where the LightGBM learners are fitted (see
+    :func:`fit_bundle`); validation, evaluation, logging and registration are the same.
+    """
     import mlflow
 
     from training import evaluate as evaluation
@@ -145,6 +201,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> RunResult:
     from training.tracking import configure_tracking, ensure_experiment
 
     say = progress or log.info
+    _check_engine(engine, scheduler)
 
     # 1. Everything that can be wrong with the inputs fails here, before any run exists.
     say(f"validating {config.data}")
@@ -174,7 +231,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> RunResult:
     )
 
     # 2. Fit and evaluate.
-    bundle = fit_bundle(train, config, progress=say)
+    bundle = fit_bundle(train, config, progress=say, engine=engine, scheduler=scheduler)
     version_of_code = code_version()
     bundle.metadata = {
         "data_hash": data_hash,
@@ -185,7 +242,9 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> RunResult:
         "seed": config.seed,
     }
     say("evaluating on the held-out patients")
-    result = evaluation.evaluate(bundle, test, train=train, truth=truth, config=config, progress=say)
+    result = evaluation.evaluate(
+        bundle, test, train=train, truth=truth, config=config, progress=say
+    )
 
     # 3. One run: log everything, register the model.
     salt = secrets.token_hex(16)
@@ -197,9 +256,10 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> RunResult:
         "date_max": str(dates.max().date()) if len(dates) else None,
     }
     say("logging the run to MLflow")
-    with mlflow.start_run(experiment_id=experiment_id) as active, tempfile.TemporaryDirectory(
-        prefix="painplan-run-"
-    ) as tmp:
+    with (
+        mlflow.start_run(experiment_id=experiment_id) as active,
+        tempfile.TemporaryDirectory(prefix="painplan-run-") as tmp,
+    ):
         run_id = active.info.run_id
         tmp = Path(tmp)
         mlflow.log_params(flatten(config.to_dict()))
@@ -212,6 +272,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> RunResult:
                 "ruleset_version": RULESET_VERSION,
                 "schema_fingerprint": bundle.model.schema_,
                 "data_warnings": "; ".join(warnings)[:4000] or "none",
+                "engine": engine,
             }
         )
         metrics = _log_evaluation(result, salt)
@@ -239,8 +300,11 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> RunResult:
         save_bundle(bundle, bundle_dir)
         (bundle_dir / "model_card.md").write_text(
             model_card(
-                config=config, evaluation=result, metadata=bundle.metadata,
-                data_summary=data_summary, registered={"run_id": run_id},
+                config=config,
+                evaluation=result,
+                metadata=bundle.metadata,
+                data_summary=data_summary,
+                registered={"run_id": run_id},
             ),
             encoding="utf-8",
         )
@@ -252,15 +316,22 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> RunResult:
         )
         mlflow.log_text(
             model_card(
-                config=config, evaluation=result, metadata=bundle.metadata,
+                config=config,
+                evaluation=result,
+                metadata=bundle.metadata,
                 data_summary=data_summary,
-                registered={"name": registered.name, "version": registered.version,
-                            "model_uri": registered.model_uri, "run_id": run_id},
+                registered={
+                    "name": registered.name,
+                    "version": registered.version,
+                    "model_uri": registered.model_uri,
+                    "run_id": run_id,
+                },
             ),
             "model_card.md",
         )
-        mlflow.set_tags({"registered_model": registered.name,
-                         "registered_version": registered.version})
+        mlflow.set_tags(
+            {"registered_model": registered.name, "registered_version": registered.version}
+        )
 
     decision = None
     if config.promote:
@@ -301,7 +372,22 @@ def _log_evaluation(result, salt: str) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- batch scoring
 
-CHUNK_SIZE = 5000  # patients per scoring block: 5000 × 839 plans × 7 estimates ≈ 235 MB peak
+CHUNK_SIZE = _batch.CHUNK_SIZE  # patients per scoring block (memory formula in training.batch)
+
+
+def load_scoring_model(model: str | None, *, model_name: str = "painplan",
+                       progress: Progress | None = None) -> ModelBundle:
+    """The bundle ``painplan recommend`` scores with (both engines): a registry/run URI or a
+    local bundle directory; the registered champion by default."""
+    from training.register import load_bundle_from_uri, resolve_model_uri
+
+    uri = resolve_model_uri(model, model_name=model_name)
+    if uri.startswith(("models:/", "runs:/")):
+        from training.tracking import configure_tracking
+
+        configure_tracking()
+    (progress or log.info)(f"loading model {uri}")
+    return load_bundle_from_uri(uri)
 
 
 def recommend_file(
@@ -313,19 +399,31 @@ def recommend_file(
     model_name: str = "painplan",
     chunk_size: int = CHUNK_SIZE,
     progress: Progress | None = None,
+    engine: Engine = "local",
+    scheduler: str | None = None,
 ) -> int:
-    """Rank plans for every patient in a §2 file and write §7 rows; returns rows written.
+    """Rank plans for every patient in a §2 file (or directory of files) and write §7 rows;
+    returns rows written.
 
-    The whole file is validated first (so every violation is reported before anything is
-    written); scoring then runs in blocks of ``chunk_size`` patients, appending to a
-    temporary file that replaces ``out_path`` only when complete.
+    ``engine="local"``: the whole input is validated first (so every violation is reported
+    before anything is written); scoring then runs in blocks of ``chunk_size`` patients,
+    appending to a temporary file that replaces ``out_path`` (.csv or .parquet) only when
+    complete. ``engine="dask"`` scores a Parquet dataset partition by partition on a Dask
+    cluster (``scheduler`` address, else a local one) and writes a Parquet dataset directory:
+    see :func:`training.dask_recommend.recommend_dataset`. Both engines rank every block with
+    :func:`training.batch.rank_block`.
     """
     from features.errors import ConfigError
-    from features.io import read_table
     from features.validate import validate
-    from recommender.recommend import MAX_TOP_K, ranked_rows, recommend
-    from training.register import load_bundle_from_uri, resolve_model_uri
+    from recommender.recommend import MAX_TOP_K
 
+    if engine == "dask":  # (its own checks; the same per-chunk scoring)
+        from training.dask_recommend import recommend_dataset
+
+        return recommend_dataset(patients_path, out_path, model=model, top_k=top_k,
+                                 model_name=model_name, chunk_size=chunk_size,
+                                 scheduler=scheduler, progress=progress)
+    _check_engine(engine, scheduler)
     say = progress or log.info
     if not 1 <= int(top_k) <= MAX_TOP_K:
         raise ConfigError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
@@ -334,17 +432,11 @@ def recommend_file(
     if suffix not in (".csv", ".parquet"):
         raise ConfigError(
             f"--out {out_path.name}: unsupported file type {suffix or '(none)'!r}; write "
-            ".csv or .parquet"
+            ".csv or .parquet (or use --engine dask to write a directory of Parquet partitions)"
         )
     say(f"validating {patients_path}")
-    patients = validate(read_table(patients_path), "patients").frame
-    uri = resolve_model_uri(model, model_name=model_name)
-    if uri.startswith(("models:/", "runs:/")):
-        from training.tracking import configure_tracking
-
-        configure_tracking()
-    say(f"loading model {uri}")
-    bundle = load_bundle_from_uri(uri)
+    patients = validate(_batch.read_dataset(patients_path), "patients").frame
+    bundle = load_scoring_model(model, model_name=model_name, progress=say)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.partial")
@@ -352,21 +444,18 @@ def recommend_file(
     written = 0
     n = len(patients)
     try:
-        for start in range(0, n, chunk_size):
-            block = patients.iloc[start : start + chunk_size]
-            rows = ranked_rows(recommend(bundle.model, block, top_k=top_k),
-                               block[PATIENT_ID].to_numpy())
+        for done, rows in _batch.iter_ranked(bundle.model, patients, top_k=top_k,
+                                             chunk_size=chunk_size):
             if suffix == ".csv":
-                rows.to_csv(tmp, mode="w" if start == 0 else "a", header=start == 0, index=False)
+                first = done <= chunk_size
+                rows.to_csv(tmp, mode="w" if first else "a", header=first, index=False)
             else:
-                import pyarrow as pa
                 import pyarrow.parquet as pq
 
-                table = pa.Table.from_pandas(rows, preserve_index=False)
-                writer = writer or pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
+                writer = writer or pq.ParquetWriter(tmp, _batch.ranked_schema())
+                writer.write_table(_batch.ranked_table(rows))
             written += len(rows)
-            say(f"ranked {min(start + chunk_size, n)}/{n} patients")
+            say(f"ranked {done}/{n} patients")
         if writer is not None:
             writer.close()
             writer = None

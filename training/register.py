@@ -219,7 +219,14 @@ def load_bundle_from_uri(
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst or tmp)
         except MlflowException as err:
             raise _not_found(uri, err) from err
-        return load_bundle(_bundle_dir(Path(local)), expected_ruleset=expected_ruleset)
+        bundle_dir = _bundle_dir(Path(local))
+        try:
+            return load_bundle(bundle_dir, expected_ruleset=expected_ruleset)
+        except ModelError as err:
+            if dst is not None:
+                raise
+            # Name the model the user asked for, not the temporary download directory.
+            raise type(err)(str(err).replace(str(bundle_dir), uri)) from err
 
 
 def _bundle_dir(path: Path) -> Path:
@@ -287,7 +294,13 @@ def _run_config(client, run_id: str) -> TrainConfig:
     model = raw.pop("model", {}) or {}
     from training.config import ModelParams
 
-    return TrainConfig(model=ModelParams(**model), **raw)
+    try:
+        return TrainConfig(model=ModelParams(**model), **raw)
+    except TypeError as err:
+        raise ConfigError(
+            f"run {run_id} logged a configuration this code does not understand ({err}); "
+            "promote it with the painplan version that trained it, or retrain it."
+        ) from err
 
 
 def load_validation_set(run_id: str, dst: str | os.PathLike):
@@ -299,9 +312,7 @@ def load_validation_set(run_id: str, dst: str | os.PathLike):
     from features.validate import validate
 
     try:
-        local = Path(
-            mlflow.MlflowClient().download_artifacts(run_id, VALIDATION_DIR, str(dst))
-        )
+        local = Path(mlflow.MlflowClient().download_artifacts(run_id, VALIDATION_DIR, str(dst)))
     except (MlflowException, OSError) as err:
         raise ModelError(
             f"run {run_id} has no '{VALIDATION_DIR}/' artifact to compare models on; it was "
@@ -390,9 +401,17 @@ def promote(
         )
         if promoted and champion_version != version:
             client.set_registered_model_alias(name, CHAMPION, version)
-        client.set_model_version_tag(name, version, "promotion", "promoted" if promoted else "rejected")
+        client.set_model_version_tag(
+            name, version, "promotion", "promoted" if promoted else "rejected"
+        )
         client.set_model_version_tag(name, version, "promotion_reason", reason[:4000])
         log.info("promotion of %s v%s: %s", name, version, reason)
+        if promoted:
+            # The service serves from BentoML's model store, so every champion is put there
+            # (by subprocess: training never imports the service or bentoml, DESIGN.md).
+            from training.serving import import_into_serving_store
+
+            import_into_serving_store(name, version, mv.run_id)
         return decision
 
     if champion_version == version:

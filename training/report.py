@@ -150,9 +150,9 @@ def shap_importance(model: PlanOutcomeModel, patients: pd.DataFrame, **kw) -> pd
         {
             "feature": features,
             "effect_mean_abs_shap": np.abs(_component_sum(values["effect"], 0)).mean(0),
-            "adverse_event_mean_abs_shap": np.abs(
-                _component_sum(values["adverse_event"], 1)
-            ).mean(0),
+            "adverse_event_mean_abs_shap": np.abs(_component_sum(values["adverse_event"], 1)).mean(
+                0
+            ),
         }
     ).sort_values("effect_mean_abs_shap", ascending=False, ignore_index=True)
 
@@ -195,12 +195,28 @@ LIMITATIONS = (
 
 # Shown first in the card when the evaluation reports them; everything else follows in full.
 HEADLINE_METRICS = (
-    "truth_normalized_value", "truth_regret", "truth_ndcg_at_5", "truth_component_pehe",
-    "truth_plan_pehe", "truth_ae_rmse", "ope_model_dr", "ope_model_dr_ci_low",
-    "ope_model_dr_ci_high", "ope_model_ess", "ope_model_evaluable", "logged_value",
-    "rmse_improvement_logged", "interval_coverage", "interval_target", "interval_mean_width",
-    "ae_brier", "ae_brier_constant", "ae_ece", "response_brier",
-    "safety_floor_violations_test", "safety_floor_violations_truth",
+    "truth_normalized_value",
+    "truth_regret",
+    "truth_ndcg_at_5",
+    "truth_component_pehe",
+    "truth_plan_pehe",
+    "truth_ae_rmse",
+    "ope_model_dr",
+    "ope_model_dr_ci_low",
+    "ope_model_dr_ci_high",
+    "ope_model_ess",
+    "ope_model_evaluable",
+    "logged_value",
+    "rmse_improvement_logged",
+    "interval_coverage",
+    "interval_target",
+    "interval_mean_width",
+    "ae_brier",
+    "ae_brier_constant",
+    "ae_ece",
+    "response_brier",
+    "safety_floor_violations_test",
+    "safety_floor_violations_truth",
 )
 
 
@@ -272,8 +288,9 @@ def model_card(
         else "not recorded (no start_date)"
     )
     truth_note = (
-        "simulator ground truth (`--truth`)" if getattr(config, "truth", None) else
-        "logged outcomes only (off-policy estimates)"
+        "simulator ground truth (`--truth`)"
+        if getattr(config, "truth", None)
+        else "logged outcomes only (off-policy estimates)"
     )
     params = getattr(config, "model", None)
     param_text = (
@@ -299,14 +316,24 @@ def model_card(
                 [
                     ("episodes", data_summary.get("episodes", counts.get("episodes"))),
                     ("patients", data_summary.get("patients", counts.get("patients"))),
-                    ("training episodes / patients",
-                     f"{_num(counts.get('train_episodes'))} / {_num(counts.get('train_patients'))}"),
-                    ("test episodes / patients",
-                     f"{_num(counts.get('test_episodes'))} / {_num(counts.get('test_patients'))}"),
-                    ("split", f"{getattr(config, 'split', 'n/a')} "
-                              f"(test fraction {getattr(config, 'test_fraction', 'n/a')})"),
+                    (
+                        "training episodes / patients",
+                        f"{_num(counts.get('train_episodes'))} / {_num(counts.get('train_patients'))}",
+                    ),
+                    (
+                        "test episodes / patients",
+                        f"{_num(counts.get('test_episodes'))} / {_num(counts.get('test_patients'))}",
+                    ),
+                    (
+                        "split",
+                        f"{getattr(config, 'split', 'n/a')} "
+                        f"(test fraction {getattr(config, 'test_fraction', 'n/a')})",
+                    ),
                     ("episode dates", date_range),
-                    ("data hash", f"`{data_summary.get('data_hash') or metadata.get('data_hash')}`"),
+                    (
+                        "data hash",
+                        f"`{data_summary.get('data_hash') or metadata.get('data_hash')}`",
+                    ),
                 ],
                 columns=["item", "value"],
             )
@@ -316,7 +343,9 @@ def model_card(
         f"Value used for promotion: **{_num(value)}**.",
         markdown_table(headline),
         f"<details><summary>All {len(all_metrics)} metrics (also logged with the run)"
-        "</summary>\n\n" + markdown_table(all_metrics, max_rows=len(all_metrics)) + "\n\n</details>",
+        "</summary>\n\n"
+        + markdown_table(all_metrics, max_rows=len(all_metrics))
+        + "\n\n</details>",
         "### Baselines",
         markdown_table(_baselines(evaluation)),
         "## Explanations",
@@ -340,9 +369,12 @@ def model_card(
                     ("feature schema", metadata.get("schema_fingerprint")),
                     ("bundle sha256", metadata.get("content_sha256")),
                     ("created", metadata.get("created_at")),
-                    ("packages", ", ".join(
-                        f"{k} {v}" for k, v in (metadata.get("package_versions") or {}).items()
-                    )),
+                    (
+                        "packages",
+                        ", ".join(
+                            f"{k} {v}" for k, v in (metadata.get("package_versions") or {}).items()
+                        ),
+                    ),
                 ],
                 columns=["item", "value"],
             )

@@ -272,6 +272,7 @@ class DateParams(_Section):
 @dataclass(frozen=True)
 class TruthParams(_Section):
     lambda_ae: float
+    posterior_draws: int
 
 
 @dataclass(frozen=True)

@@ -652,15 +652,14 @@ def true_outcomes(
             f"{len(cohort)} patients"
         )
     terms = component_terms(cohort, config) if terms is None else terms
-    t, adh, comb = config.tables, config.adherence, config.combination
+    adh, comb = config.adherence, config.combination
     size = plans.sum(axis=1)
     # §3.3 combination rule (A): sub-additive.
     combination = np.where(
         size >= 3, comb.factor_three_plus, np.where(size == 2, comb.factor_two, 1.0)
     )
     diet_and_pt = plans[:, _DIET] * plans[:, _PT]
-    pairs = t.interaction_pairs
-    interaction = np.exp((plans[:, pairs[:, 0]] * plans[:, pairs[:, 1]]) @ t.interaction_log)
+    interaction = _plan_interaction(plans, config)
 
     # Paired: patient i with plan i, shape (n,). Otherwise patients × plans, shape (n, m).
     patient: Callable[[np.ndarray], np.ndarray] = _identity if paired else _as_column
@@ -684,10 +683,20 @@ def true_outcomes(
     peg = patient(cohort.peg)
     sd = config.natural_history.noise_sd
     expected = peg - _clipped_normal_mean(peg - mean_change, sd, PEG_MIN, PEG_MAX)
-    # Independent component AEs: 1 − Π(1 − p_c), times §5.3 class–class interaction factors.
-    p_any = -np.expm1(total(np.log1p(-terms.ae_probability)))
-    p_ae = np.minimum(p_any * plan(interaction), config.adverse_events.plan_cap)
+    p_ae = _plan_ae(total(np.log1p(-terms.ae_probability)), plan(interaction), config)
     return Outcomes(mean_change=mean_change, expected_improvement=expected, p_adverse_event=p_ae)
+
+
+def _plan_interaction(plans: np.ndarray, config: SimulatorConfig) -> np.ndarray:
+    """(m,) §5.3 class–class interaction factor of each plan's adverse-event risk."""
+    pairs = config.tables.interaction_pairs
+    return np.exp((plans[:, pairs[:, 0]] * plans[:, pairs[:, 1]]) @ config.tables.interaction_log)
+
+
+def _plan_ae(log_no_ae: np.ndarray, interaction: np.ndarray, config: SimulatorConfig) -> np.ndarray:
+    """Plan AE probability: independent component AEs, 1 − Π(1 − p_c), times the §5.3
+    class–class interaction factor, capped."""
+    return np.minimum(-np.expm1(log_no_ae) * interaction, config.adverse_events.plan_cap)
 
 
 def _identity(v: np.ndarray) -> np.ndarray:
@@ -840,11 +849,13 @@ class _Streams:
     outcome: np.random.Generator
     follow_up: np.random.Generator
     truth: np.random.Generator
+    posterior: np.random.Generator  # hidden-state draws for the truth's posterior average
 
 
 def _streams(seed: int) -> _Streams:
     """Independent named streams from one seed; episodes and truth never share patients."""
-    children = np.random.SeedSequence(_check_seed(seed)).spawn(5)
+    # Child i of a SeedSequence depends only on i, so adding a stream keeps the others.
+    children = np.random.SeedSequence(_check_seed(seed)).spawn(6)
     return _Streams(*(np.random.default_rng(s) for s in children))
 
 
@@ -1082,11 +1093,104 @@ def truth_cohort(n_patients: int, *, seed: int, config: SimulatorConfig | None =
     return draw_cohort(n_patients, rng=_streams(seed).truth, config=config, id_prefix="T")
 
 
+def _history_log_likelihood(draws: Cohort, observed_prior: np.ndarray, config: SimulatorConfig) -> np.ndarray:
+    """log P(observed prior_<c> history | hidden state) for each row of ``draws``.
+
+    Mirrors :func:`_draw_prior_history`: whether a component was tried does not depend on the
+    hidden state; a tried component was recorded intolerant with its AE-driven probability,
+    otherwise by thresholding the patient's own benefit plus N(0, outcome_noise_sd²) noise.
+    """
+    h = config.prior_history
+    mu = _individual_benefit(draws, config)
+    sd = h.outcome_noise_sd
+    fresh = replace(draws, prior=np.zeros_like(observed_prior))  # history is drawn before it exists
+    p_int = np.clip(_component_ae_probability(fresh, config) * h.intolerance_scale, 1e-12, 1 - 1e-12)
+    above_r = ndtr((mu - h.responded_threshold) / sd)
+    above_p = ndtr((mu - h.partial_threshold) / sd)
+    tolerated = np.log1p(-p_int)
+    ll = np.zeros_like(mu)
+    ll = np.where(observed_prior == _INTOLERANT, np.log(p_int), ll)
+    ll = np.where(observed_prior == _RESPONDED, tolerated + np.log(np.maximum(above_r, 1e-300)), ll)
+    ll = np.where(observed_prior == _PARTIAL,
+                  tolerated + np.log(np.maximum(above_p - above_r, 1e-300)), ll)
+    ll = np.where(observed_prior == _NO_RESPONSE,
+                  tolerated + np.log(np.maximum(1 - above_p, 1e-300)), ll)
+    return ll.sum(axis=1)
+
+
+_MOMENT_DRAWS_FACTOR = 16  # moment draws per AE draw: moments are cheap, AE averages are not
+
+
+def _posterior_outcomes(part: Cohort, rng: np.random.Generator, config: SimulatorConfig) -> Outcomes:
+    """Expected outcomes of every plan given what the extract shows, not the hidden state.
+
+    "Expected improvement" for a patient profile is E[Y | observed profile, plan]. The hidden
+    responsiveness, placebo factor and AE susceptibility are averaged out under their posterior
+    given the recorded prior-response history (self-normalised importance sampling over
+    ``posterior_draws`` draws from their prior), so the truth is what a perfect model of the
+    observable world could know — an oracle cannot win by knowing a hidden state.
+
+    Variance reduction: the mean change μ is linear in (r, placebo factor), so its posterior
+    mean is μ at the posterior mean, and its posterior variance vᵀΣv (v = ∂μ/∂hidden) widens
+    the clipped-normal outcome instead of being sampled. Only the adverse-event probability,
+    non-linear in the susceptibility, is averaged over the draws.
+    """
+    # Many cheap draws for the posterior moments (likelihood of a 12-item history only); the
+    # first ``posterior_draws`` of them also average the adverse-event risk over all plans.
+    m_ae = config.truth.posterior_draws
+    m = m_ae * _MOMENT_DRAWS_FACTOR
+    n = len(part)
+    reps = part.take(np.repeat(np.arange(n), m))
+    hidden = _draw_hidden_state(n * m, rng, config)
+    draws = replace(reps, **hidden)
+    ll = _history_log_likelihood(draws, reps.prior, config).reshape(n, m)
+    w = np.exp(ll - ll.max(axis=1, keepdims=True))
+
+    plans = config.tables.plans
+    # Adverse events: average over the susceptibility draws.
+    first = (np.arange(n)[:, None] * m + np.arange(m_ae)[None, :]).ravel()
+    w_ae = w[:, :m_ae] / w[:, :m_ae].sum(axis=1, keepdims=True)
+    log_no_ae = np.log1p(-_component_ae_probability(draws.take(first), config)) @ plans.T
+    p_draws = _plan_ae(log_no_ae, _plan_interaction(plans, config)[None, :], config)
+    p_ae = np.einsum("nm,nmp->np", w_ae, p_draws.reshape(n, m_ae, -1))
+    w /= w.sum(axis=1, keepdims=True)
+
+    # Improvement: posterior moments of h = (r_1..r_12, placebo factor).
+    h = np.concatenate([hidden["responsiveness"], hidden["expectation"][:, None]], axis=1)
+    h = h.reshape(n, m, -1)
+    mean_h = np.einsum("nm,nmk->nk", w, h)
+    centred = h - mean_h[:, None, :]
+    cov_h = np.einsum("nm,nmk,nml->nkl", w, centred, centred)
+    at_mean = replace(part, responsiveness=mean_h[:, :-1], expectation=mean_h[:, -1])
+    mu = true_outcomes(at_mean, plans, config=config).mean_change
+    grad = np.empty(mu.shape + (mean_h.shape[1],))
+    for k in range(mean_h.shape[1]):
+        bumped = mean_h.copy()
+        bumped[:, k] += 1.0
+        shifted = replace(part, responsiveness=bumped[:, :-1], expectation=bumped[:, -1])
+        grad[:, :, k] = true_outcomes(shifted, plans, config=config).mean_change - mu
+    var = np.einsum("npk,nkl,npl->np", grad, cov_h, grad)
+    sd = np.sqrt(config.natural_history.noise_sd**2 + np.maximum(var, 0.0))
+    peg = part.peg[:, None]
+    ei = peg - _clipped_normal_mean(peg - mu, sd, PEG_MIN, PEG_MAX)
+    return Outcomes(mean_change=mu, expected_improvement=ei, p_adverse_event=p_ae)
+
+
 def truth_table(
-    cohort: Cohort, *, config: SimulatorConfig, progress: bool | None = None
+    cohort: Cohort,
+    *,
+    config: SimulatorConfig,
+    progress: bool | None = None,
+    rng: np.random.Generator | None = None,
 ) -> pd.DataFrame:
-    """Long table: every patient × all 839 plans with the true EI, p_AE, utility and floor flag."""
-    n, chunk = len(cohort), config.runtime.chunk_rows
+    """Long table: every patient × all 839 plans with the true EI, p_AE, utility and floor flag.
+
+    The truth is the expectation given the observable profile (see :func:`_posterior_outcomes`);
+    ``rng`` drives the posterior draws (seeded by :func:`simulate_truth`).
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    n = len(cohort)
+    chunk = max(1, config.runtime.chunk_rows // config.truth.posterior_draws)
     ei = np.empty((n, N_PLANS))
     p_ae = np.empty((n, N_PLANS))
     allowed = np.empty((n, N_PLANS), dtype=bool)
@@ -1098,7 +1202,7 @@ def truth_table(
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             part = cohort.take(rows)
-            out = true_outcomes(part, config.tables.plans, config=config)
+            out = _posterior_outcomes(part, rng, config)
             ei[rows], p_ae[rows] = out.expected_improvement, out.p_adverse_event
             allowed[rows] = floor_allowed_plans(part.floor_exclusions(), config)
             bar.update(len(part))
@@ -1129,7 +1233,8 @@ def simulate_truth(
     config = SimulatorConfig.from_yaml() if config is None else config
     cohort = truth_cohort(n_patients, seed=seed, config=config)
     log.info("computing the truth for %d patients × %d plans", len(cohort), N_PLANS)
-    return cohort.frame(), truth_table(cohort, config=config, progress=progress)
+    table = truth_table(cohort, config=config, progress=progress, rng=_streams(seed).posterior)
+    return cohort.frame(), table
 
 
 # ============================================================================================

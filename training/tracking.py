@@ -60,11 +60,11 @@ def default_tracking_uri(home: Path | None = None) -> str:
 def artifact_root() -> str:
     """Root under which new experiments get their artifact location."""
     configured = os.environ.get(ARTIFACT_ROOT_ENV, "").strip()
-    if configured and _scheme(configured) not in ("", "file") and len(_scheme(configured)) > 1:
-        return configured  # a URI (s3://, gs://, …): passed to MLflow untouched
-    if configured:
+    if not configured:
+        return (painplan_home() / ARTIFACT_DIR).as_posix()
+    if _scheme(configured) in ("", "file"):
         return Path(configured.removeprefix("file://")).expanduser().resolve().as_posix()
-    return (painplan_home() / ARTIFACT_DIR).as_posix()
+    return configured  # a URI (s3://, gs://, …): passed to MLflow untouched
 
 
 def _scheme(uri: str) -> str:
@@ -98,18 +98,14 @@ def configure_tracking() -> str:
         source = "MLFLOW_TRACKING_URI"
     else:
         home = painplan_home()
-        try:
-            (home / ARTIFACT_DIR).mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(
-                f"cannot create painplan's storage directory {home} ({err.strerror}); set "
-                f"{HOME_ENV} to a writable directory or MLFLOW_TRACKING_URI to another store."
-            ) from err
+        _make_dir(
+            home, f"set {HOME_ENV} to a writable directory or MLFLOW_TRACKING_URI to another store"
+        )
         uri = default_tracking_uri(home)
         source = f"{HOME_ENV} ({home})"
     root = artifact_root()
-    if not is_server_uri(uri) and root.startswith("/"):
-        Path(root).mkdir(parents=True, exist_ok=True)
+    if not is_server_uri(uri) and _scheme(root) in ("", "file"):
+        _make_dir(Path(root), f"set {ARTIFACT_ROOT_ENV} or {HOME_ENV} to a writable directory")
     # Per-file download bars would interleave with painplan's own progress lines; a user who
     # wants them can still set the variable.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -117,6 +113,15 @@ def configure_tracking() -> str:
     mlflow.set_registry_uri(uri)
     log.debug("MLflow tracking store from %s: %s", source, redact(uri))
     return uri
+
+
+def _make_dir(path: Path, fix: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create painplan's storage directory {path} ({err.strerror}); {fix}."
+        ) from err
 
 
 def redact(uri: str) -> str:

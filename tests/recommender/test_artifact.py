@@ -42,8 +42,16 @@ def fitted():
 @pytest.fixture
 def saved(fitted, tmp_path):
     model, policy, _ = fitted
-    bundle = ModelBundle(model, policy, {"data_hash": "sha256:abc", "row_counts": {"episodes": 400},
-                                          "code_version": "git:test", "mlflow_run_id": "r1"})
+    bundle = ModelBundle(
+        model,
+        policy,
+        {
+            "data_hash": "sha256:abc",
+            "row_counts": {"episodes": 400},
+            "code_version": "git:test",
+            "mlflow_run_id": "r1",
+        },
+    )
     return save_bundle(bundle, tmp_path / "bundle")
 
 
@@ -108,6 +116,16 @@ def test_ruleset_mismatch_is_incompatible_when_a_ruleset_is_required(saved):
     assert load_bundle(saved, expected_ruleset=RULESET_VERSION).ruleset_version == RULESET_VERSION
     with pytest.raises(IncompatibleModel, match="safety ruleset"):
         load_bundle(saved, expected_ruleset="2099.1-1+deadbeef")
+
+
+def test_model_that_no_longer_runs_under_this_code_is_incompatible(fitted, tmp_path):
+    import copy
+
+    model = copy.deepcopy(fitted[0])
+    del model.ae_model_  # as if a fitted attribute had been renamed since the bundle was saved
+    directory = save_bundle(ModelBundle(model, None, {"code_version": "git:old"}), tmp_path / "b")
+    with pytest.raises(IncompatibleModel, match="code version git:old.*cannot run"):
+        load_bundle(directory)
 
 
 def test_unfitted_model_cannot_be_saved(tmp_path):

@@ -9,24 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _store import fast_baselines, read_patients, shared_store, use_store, write_cohort
 
 from features.validate import validate
 from recommender.recommend import RANKED_COLUMNS
 from recommender.safety import floor_violations
 from training.cli import main
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return shared_store(tmp_path_factory)
-
-
-@pytest.fixture
-def in_store(store, monkeypatch):
-    use_store(monkeypatch, store.home)
-    fast_baselines(monkeypatch)
-    return store
 
 
 @pytest.fixture(scope="module")
@@ -67,25 +54,28 @@ def test_every_command_has_help(capsys):
             main([command, "--help"])
         assert exit_.value.code == 0
         assert "usage: painplan " + command in capsys.readouterr().out
-    out = subprocess.run([sys.executable, "-m", "training.cli", "train", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "training.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "--data FILE" in out and "--promote" in out
 
 
 @pytest.mark.parametrize("k", ["0", "51", "three"])
 def test_top_k_out_of_range_is_refused(k, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
-        main(["recommend", "--patients", "p.csv", "--out", str(tmp_path / "o.csv"),
-              "--top-k", k])
+        main(["recommend", "--patients", "p.csv", "--out", str(tmp_path / "o.csv"), "--top-k", k])
     assert exit_.value.code == 2
     assert "between 1 and 50" in capsys.readouterr().err
 
 
 def test_train_on_a_bad_file_exits_non_zero_with_one_paragraph_and_no_run(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys, helpers
 ):
-    use_store(monkeypatch, tmp_path / "home")
-    cohort = write_cohort(tmp_path, 150, seed=5)
+    helpers.use_store(monkeypatch, tmp_path / "home")
+    cohort = helpers.write_cohort(tmp_path, 150, seed=5)
     bad = cohort["episodes"].astype(str)
     bad.loc[7, "peg_12wk"] = "12.5"
     bad = bad.drop(columns=["adverse_event"])
@@ -100,14 +90,26 @@ def test_train_on_a_bad_file_exits_non_zero_with_one_paragraph_and_no_run(
 
 
 @pytest.mark.slow
-def test_train_prints_run_id_and_model_uri(in_store, tmp_path, capsys):
+def test_train_prints_run_id_and_model_uri(in_store, tmp_path, capsys, helpers):
     # Same store as the other tests (a fresh SQLite store costs ~5 s of migrations), but its
     # own experiment and registered model.
-    cohort = write_cohort(tmp_path, 400, seed=6)
+    cohort = helpers.write_cohort(tmp_path, 400, seed=6)
     config = tmp_path / "train.yaml"
     config.write_text("model_name: cli-model\nmodel:\n  max_rounds: 30\n  n_jobs: 1\n")
-    code = main(["train", "--data", str(cohort["data"]), "--config", str(config),
-                 "--experiment", "cli", "--seed", "3", "--promote"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(cohort["data"]),
+            "--config",
+            str(config),
+            "--experiment",
+            "cli",
+            "--seed",
+            "3",
+            "--promote",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     lines = captured.out.splitlines()
@@ -127,11 +129,14 @@ def test_train_prints_run_id_and_model_uri(in_store, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_recommend_with_the_champion_conforms_to_the_contract(in_store, patients_file, tmp_path,
-                                                              capsys):
+def test_recommend_with_the_champion_conforms_to_the_contract(
+    in_store, patients_file, tmp_path, capsys
+):
     out = tmp_path / "ranked.csv"
-    assert main(["recommend", "--patients", str(patients_file), "--out", str(out),
-                 "--top-k", "7"]) == 0
+    assert (
+        main(["recommend", "--patients", str(patients_file), "--out", str(out), "--top-k", "7"])
+        == 0
+    )
     assert "ranked plan row(s) written" in capsys.readouterr().out
     rows = pd.read_csv(out, dtype={"patient_id": str})
     assert len(rows) == 60 * 7
@@ -143,18 +148,40 @@ def test_recommend_with_the_champion_conforms_to_the_contract(in_store, patients
 @pytest.mark.slow
 def test_recommend_accepts_version_uris_and_bundle_directories(in_store, patients_file, tmp_path):
     from training.register import load_bundle_from_uri
-    from training.tracking import configure_tracking
 
     version = in_store.good_result.version
     by_version = tmp_path / "v.parquet"
-    assert main(["recommend", "--patients", str(patients_file), "--out", str(by_version),
-                 "--model", f"models:/painplan/{version}"]) == 0
-    configure_tracking()
+    assert (
+        main(
+            [
+                "recommend",
+                "--patients",
+                str(patients_file),
+                "--out",
+                str(by_version),
+                "--model",
+                f"models:/painplan/{version}",
+            ]
+        )
+        == 0
+    )
     bundle_dir = tmp_path / "downloaded"
     load_bundle_from_uri(f"models:/painplan/{version}", dst=bundle_dir)
     local = tmp_path / "local.parquet"
-    assert main(["recommend", "--patients", str(patients_file), "--out", str(local),
-                 "--model", str(bundle_dir / "artifacts" / "bundle")]) == 0
+    assert (
+        main(
+            [
+                "recommend",
+                "--patients",
+                str(patients_file),
+                "--out",
+                str(local),
+                "--model",
+                str(bundle_dir / "artifacts" / "bundle"),
+            ]
+        )
+        == 0
+    )
     a, b = pd.read_parquet(by_version), pd.read_parquet(local)
     pd.testing.assert_frame_equal(a, b)
     check_ranked(a, patients_file, 5)
@@ -177,11 +204,20 @@ def test_recommend_in_chunks_equals_one_pass(in_store, patients_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_recommend_without_a_champion_explains_what_to_do(in_store, tmp_path, capsys):
-    patients = read_patients(in_store.good["episodes"], 5)
+def test_recommend_without_a_champion_explains_what_to_do(in_store, tmp_path, capsys, helpers):
+    patients = helpers.read_patients(in_store.good["episodes"], 5)
     patients.to_csv(tmp_path / "p.csv", index=False)
-    code = main(["recommend", "--patients", str(tmp_path / "p.csv"), "--out",
-                 str(tmp_path / "o.csv"), "--model-name", "never-registered"])
+    code = main(
+        [
+            "recommend",
+            "--patients",
+            str(tmp_path / "p.csv"),
+            "--out",
+            str(tmp_path / "o.csv"),
+            "--model-name",
+            "never-registered",
+        ]
+    )
     assert code == 3
     assert "no champion" in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()

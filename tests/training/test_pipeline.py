@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _store import FAST_MODEL, fast_baselines, shared_store, use_store, write_cohort
 
 from features.errors import ConfigError, ContractError
 from training.config import ModelParams, TrainConfig
@@ -23,8 +22,8 @@ from training.data import load_episodes, pseudonymise, split
 
 
 @pytest.fixture(scope="module")
-def episodes(tmp_path_factory) -> pd.DataFrame:
-    cohort = write_cohort(tmp_path_factory.mktemp("cohort"), 600, seed=3)
+def episodes(tmp_path_factory, helpers) -> pd.DataFrame:
+    cohort = helpers.write_cohort(tmp_path_factory.mktemp("cohort"), 600, seed=3)
     frame, warnings, data_hash = load_episodes(cohort["data"])
     assert warnings == [] and data_hash.startswith("sha256:") and len(data_hash) == 71
     return frame
@@ -109,12 +108,16 @@ def test_default_store_lives_under_painplan_home(tmp_path, monkeypatch):
     assert (home / "mlflow.db").is_file() and (home / "mlartifacts").is_dir()
     assert ensure_experiment("defaults") == experiment.experiment_id
     assert not (tmp_path / "mlruns").exists()
+    monkeypatch.setenv("PAINPLAN_ARTIFACT_ROOT", str(tmp_path / "shared-artifacts"))
+    configure_tracking()
+    elsewhere = mlflow.get_experiment(ensure_experiment("other experiment"))
+    assert elsewhere.artifact_location == f"{tmp_path.as_posix()}/shared-artifacts/other-experiment"
 
 
-def test_mlflow_tracking_uri_wins_and_file_stores_are_refused(tmp_path, monkeypatch):
+def test_mlflow_tracking_uri_wins_and_file_stores_are_refused(tmp_path, monkeypatch, helpers):
     from training.tracking import configure_tracking
 
-    uri = use_store(monkeypatch, tmp_path / "elsewhere")
+    uri = helpers.use_store(monkeypatch, tmp_path / "elsewhere")
     (tmp_path / "elsewhere").mkdir()
     assert configure_tracking() == uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
@@ -125,19 +128,10 @@ def test_mlflow_tracking_uri_wins_and_file_stores_are_refused(tmp_path, monkeypa
 # --------------------------------------------------------------------------- the end-to-end run
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return shared_store(tmp_path_factory)
-
-
 @pytest.fixture
-def client(store, monkeypatch):
+def client(in_store):
     import mlflow
 
-    from training.tracking import configure_tracking
-
-    use_store(monkeypatch, store.home)
-    configure_tracking()
     return mlflow.MlflowClient()
 
 
@@ -149,8 +143,14 @@ def test_run_registers_a_version_with_metrics_and_lineage(store, client):
     assert result.model_uri == f"models:/painplan/{result.version}"
     version = client.get_model_version("painplan", result.version)
     assert version.run_id == result.run_id
-    for tag in ("run_id", "data_hash", "ruleset_version", "schema_fingerprint",
-                "content_sha256", "code_version"):
+    for tag in (
+        "run_id",
+        "data_hash",
+        "ruleset_version",
+        "schema_fingerprint",
+        "content_sha256",
+        "code_version",
+    ):
         assert version.tags.get(tag), tag
     assert version.tags["data_hash"] == run.data.tags["data_hash"]
     metrics = run.data.metrics
@@ -165,15 +165,29 @@ def test_run_registers_a_version_with_metrics_and_lineage(store, client):
 def test_run_logs_model_card_shap_tables_and_validation_set(store, client):
     root = Path(client.download_artifacts(store.good_result.run_id, "", str(store.home / "dl")))
     files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    for expected in ("model_card.md", "config.json", "shap/shap_effect_bar.png",
-                     "shap/shap_effect_beeswarm.png", "shap/shap_values.parquet",
-                     "validation/episodes.parquet", "validation/truth.parquet",
-                     "validation/truth_patients.parquet"):
+    for expected in (
+        "model_card.md",
+        "config.json",
+        "shap/shap_effect_bar.png",
+        "shap/shap_effect_beeswarm.png",
+        "shap/shap_values.parquet",
+        "validation/episodes.parquet",
+        "validation/truth.parquet",
+        "validation/truth_patients.parquet",
+    ):
         assert expected in files
     assert any(f.startswith("tables/subgroup") for f in files)
     card = (root / "model_card.md").read_text()
-    for heading in ("## Intended use", "## Out-of-scope use", "## Data", "## Evaluation",
-                    "### Baselines", "## Limitations", "## Safety rules", "## Lineage"):
+    for heading in (
+        "## Intended use",
+        "## Out-of-scope use",
+        "## Data",
+        "## Evaluation",
+        "### Baselines",
+        "## Limitations",
+        "## Safety rules",
+        "## Lineage",
+    ):
         assert heading in card
     assert store.good_result.run_id in card and "sha256:" in card and "3,000" in card
     phi = pd.read_parquet(root / "shap/shap_values.parquet")
@@ -229,8 +243,10 @@ def test_pyfunc_model_gives_the_same_ranking_as_the_bundle(store, client):
     assert bundle.metadata["mlflow_run_id"] == store.good_result.run_id
 
 
-def test_bad_data_fails_with_contract_error_and_creates_no_run(tmp_path, monkeypatch, episodes):
-    use_store(monkeypatch, tmp_path / "home")
+def test_bad_data_fails_with_contract_error_and_creates_no_run(
+    tmp_path, monkeypatch, episodes, helpers
+):
+    helpers.use_store(monkeypatch, tmp_path / "home")
     bad = episodes.head(200).astype(str)
     bad.loc[3, "age"] = "150"
     bad.loc[5, "plan"] = "snri+tca"
@@ -239,7 +255,7 @@ def test_bad_data_fails_with_contract_error_and_creates_no_run(tmp_path, monkeyp
     from training.pipeline import run
 
     with pytest.raises(ContractError) as err:
-        run(TrainConfig(data=str(path), model=FAST_MODEL))
+        run(TrainConfig(data=str(path), model=helpers.FAST_MODEL))
     assert "'age'" in str(err.value) and "snri + tca" in str(err.value)
     assert not (tmp_path / "home").exists(), "validation must fail before any store is touched"
 
@@ -249,7 +265,7 @@ def test_bad_data_fails_with_contract_error_and_creates_no_run(tmp_path, monkeyp
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_pipeline_runs_against_a_postgresql_store(tmp_path, monkeypatch):
+def test_pipeline_runs_against_a_postgresql_store(tmp_path, monkeypatch, helpers):
     import mlflow
     import psycopg
 
@@ -258,16 +274,20 @@ def test_pipeline_runs_against_a_postgresql_store(tmp_path, monkeypatch):
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{database}"')
     try:
-        cohort = write_cohort(tmp_path / "data", 400, seed=21)
+        cohort = helpers.write_cohort(tmp_path / "data", 400, seed=21)
         uri = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.setenv("PAINPLAN_HOME", str(tmp_path / "home"))
         monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        fast_baselines(monkeypatch)
+        helpers.fast_baselines(monkeypatch)
         from training.pipeline import run
 
-        config = TrainConfig(data=str(cohort["data"]), experiment="pg", promote=True,
-                             model=ModelParams(max_rounds=20, n_jobs=1))
+        config = TrainConfig(
+            data=str(cohort["data"]),
+            experiment="pg",
+            promote=True,
+            model=ModelParams(max_rounds=20, n_jobs=1),
+        )
         result = run(config)
         client = mlflow.MlflowClient()
         assert mlflow.get_tracking_uri() == uri

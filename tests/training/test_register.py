@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _store import bad_config, fast_baselines, shared_store, use_store, write_bad_cohort
 
 from features.errors import ConfigError, ModelNotFound
 from training.register import (
@@ -18,20 +17,10 @@ from training.register import (
 )
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return shared_store(tmp_path_factory)
-
-
 @pytest.fixture
-def client(store, monkeypatch):
+def client(in_store):
     import mlflow
 
-    from training.tracking import configure_tracking
-
-    use_store(monkeypatch, store.home)
-    fast_baselines(monkeypatch)
-    configure_tracking()
     return mlflow.MlflowClient()
 
 
@@ -98,11 +87,11 @@ def test_better_candidate_is_promoted_over_the_champion(store, client):
 
 
 @pytest.mark.slow
-def test_worse_candidate_is_not_promoted_and_the_champion_stays(store, client, tmp_path):
+def test_worse_candidate_is_not_promoted_and_the_champion_stays(store, client, tmp_path, helpers):
     from training.pipeline import run
 
-    bad = write_bad_cohort(tmp_path, seed=13)
-    result = run(bad_config(bad["data"], store.good["truth"], seed=2))
+    bad = helpers.write_bad_cohort(tmp_path, seed=13)
+    result = run(helpers.bad_config(bad["data"], store.good["truth"], seed=2))
     decision = result.promotion
     assert not decision.promoted
     assert decision.candidate_value < decision.champion_value
@@ -110,7 +99,9 @@ def test_worse_candidate_is_not_promoted_and_the_champion_stays(store, client, t
     assert str(client.get_model_version_by_alias("painplan", "champion").version) == (
         store.good_result.version
     )
-    assert str(client.get_model_version_by_alias("painplan", "challenger").version) == result.version
+    assert (
+        str(client.get_model_version_by_alias("painplan", "challenger").version) == result.version
+    )
     version = client.get_model_version("painplan", result.version)
     assert version.tags["promotion"] == "rejected"
     assert client.get_run(result.run_id).data.tags["promotion"] == "rejected"

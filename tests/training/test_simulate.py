@@ -21,6 +21,7 @@ from features.validate import validate
 from training import cli
 from training.sim_config import PACKAGED_CONFIG
 from training.simulate import (
+    _draw_hidden_state,
     TRUTH_COLUMNS,
     SimulateRunConfig,
     SimulatorConfig,
@@ -154,18 +155,43 @@ def test_truth_format_and_floor_flag(config: SimulatorConfig) -> None:
     assert not set(patients["patient_id"]) & set(episodes["patient_id"])
 
 
-def test_truth_table_is_the_structural_function(config: SimulatorConfig) -> None:
-    cohort = truth_cohort(12, seed=4, config=config)
-    _, truth = simulate_truth(12, seed=4, config=config)
-    rng = np.random.default_rng(0)
-    for i, p in zip(rng.integers(0, 12, 20), rng.integers(0, N_PLANS, 20), strict=True):
-        out = true_outcomes(cohort.take([i]), plan_matrix()[[p]], config=config)
-        row = truth.iloc[i * N_PLANS + p]
-        assert row["patient_id"] == cohort.patient_id[i] and row["plan"] == PLANS[p]
-        assert row["expected_improvement"] == pytest.approx(
-            out.expected_improvement[0, 0], rel=1e-12
-        )
-        assert row["p_adverse_event"] == pytest.approx(out.p_adverse_event[0, 0], rel=1e-12)
+def test_truth_is_the_expectation_given_the_observable_profile(config: SimulatorConfig) -> None:
+    """The truth averages the hidden state out: for a patient whose record carries no prior
+    history the posterior is the prior, so the truth must equal a large independent Monte
+    Carlo average of the structural function over fresh hidden draws."""
+    cohort = truth_cohort(60, seed=4, config=config)
+    _, truth = simulate_truth(60, seed=4, config=config)
+    no_history = np.flatnonzero((cohort.prior == PRIOR_LEVELS.index("none")).all(axis=1))
+    assert len(no_history) >= 2, "need patients with an empty prior history"
+    plans = [PLANS.index(p) for p in ("pt", "nsaid+pt", "cbt+opioid+pt+snri")]
+    draws = 20000
+    rng = np.random.default_rng(123)
+    for i in no_history[:2]:
+        many = cohort.take(np.full(draws, i))
+        hidden = _draw_hidden_state(draws, rng, config)
+        out = true_outcomes(dataclasses.replace(many, **hidden), plan_matrix()[plans], config=config)
+        for j, p in enumerate(plans):
+            row = truth.iloc[i * N_PLANS + p]
+            assert row["patient_id"] == cohort.patient_id[i] and row["plan"] == PLANS[p]
+            # MC SE of the reference ≈ sd/√20000 ≤ 0.01; the truth's own posterior estimate
+            # (moments from 4096 draws) adds ≈ 0.02: 0.08 is > 3 combined SE.
+            assert row["expected_improvement"] == pytest.approx(
+                out.expected_improvement[:, j].mean(), abs=0.08)
+            assert row["p_adverse_event"] == pytest.approx(out.p_adverse_event[:, j].mean(), abs=0.03)
+
+
+def test_prior_history_moves_the_truth(config: SimulatorConfig) -> None:
+    """A recorded response to a component raises its true expected benefit (posterior of the
+    hidden responsiveness), a recorded non-response lowers it."""
+    cohort = truth_cohort(1500, seed=5, config=config)
+    _, truth = simulate_truth(1500, seed=5, config=config)
+    ei = truth["expected_improvement"].to_numpy().reshape(len(cohort), N_PLANS)
+    c = COMPONENT_INDEX["pt"]
+    single = ei[:, PLANS.index("pt")] - ei[:, PLANS.index("diet")]
+    responded = cohort.prior[:, c] == PRIOR_LEVELS.index("responded")
+    no_response = cohort.prior[:, c] == PRIOR_LEVELS.index("no_response")
+    assert responded.sum() > 20 and no_response.sum() > 20
+    assert single[responded].mean() > single[no_response].mean() + 0.5
 
 
 def test_expected_improvement_integrates_the_clipping(config: SimulatorConfig) -> None:

@@ -1,7 +1,10 @@
-"""Shared, expensive set-up for the training tests: simulated data and one tracking store.
+"""Shared set-up for the training tests: simulated data, tracking stores, one trained store.
 
-Training is the slow part of these tests, so one store is built once per session and reused
-(read-only, apart from the promotion test that adds a rejected version to it):
+Fixtures: ``helpers`` (the functions below, as a namespace: tests run with
+``--import-mode=importlib``, so they cannot import a sibling helper module) and ``store``.
+
+Training is the slow part of these tests, so ``store`` is built once per session and reused
+(read-only, apart from the promotion tests that add a rejected version and move aliases):
 
     v1  "bad": 150 episodes with shuffled outcomes and no evidence prior → champion (no
         champion existed yet, and it is safe)
@@ -16,6 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -26,7 +30,6 @@ from training.config import ModelParams, TrainConfig
 FAST_MODEL = ModelParams(max_rounds=100, n_jobs=1)
 N_GOOD = 3000
 N_TRUTH = 150
-_CACHE: dict[str, object] = {}
 
 
 def use_store(mp: pytest.MonkeyPatch, home: Path) -> str:
@@ -80,8 +83,12 @@ def write_bad_cohort(directory: Path, *, seed: int, n: int = 150) -> dict:
 def bad_config(data: Path, truth: Path | None, *, seed: int) -> TrainConfig:
     # No prior either: with the evidence prior even 150 shuffled episodes rank reasonably.
     return TrainConfig(
-        data=str(data), truth=str(truth) if truth else None, seed=seed, min_episodes=100,
-        promote=True, model=ModelParams(max_rounds=100, n_jobs=1, use_prior=False),
+        data=str(data),
+        truth=str(truth) if truth else None,
+        seed=seed,
+        min_episodes=100,
+        promote=True,
+        model=ModelParams(max_rounds=100, n_jobs=1, use_prior=False),
     )
 
 
@@ -105,10 +112,9 @@ class Store:
         return ids
 
 
-def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """Build (once per session) the store described in the module docstring."""
-    if "store" in _CACHE:
-        return _CACHE["store"]  # type: ignore[return-value]
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """The store described in the module docstring, built once per session."""
     from training.pipeline import run
 
     base = tmp_path_factory.mktemp("store")
@@ -119,12 +125,21 @@ def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
         use_store(mp, home)
         fast_baselines(mp)
         bad_result = run(bad_config(bad["data"], good["truth"], seed=1))
-        good_config = TrainConfig(data=str(good["data"]), truth=str(good["truth"]), seed=0,
-                                  promote=True, model=FAST_MODEL)
+        good_config = TrainConfig(
+            data=str(good["data"]), truth=str(good["truth"]), seed=0, promote=True, model=FAST_MODEL
+        )
         good_result = run(good_config)
-    store = Store(home, data_dir, good, {**bad, "truth_patients": None}, good_result,
-                  bad_result, good_config)
-    _CACHE["store"] = store
+    return Store(home, data_dir, good, bad, good_result, bad_result, good_config)
+
+
+@pytest.fixture
+def in_store(store: Store, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """``store`` with painplan/MLflow pointed at it (and fast baselines) for this test."""
+    from training.tracking import configure_tracking
+
+    use_store(monkeypatch, store.home)
+    fast_baselines(monkeypatch)
+    configure_tracking()
     return store
 
 
@@ -134,3 +149,16 @@ def read_patients(episodes: pd.DataFrame, n: int) -> pd.DataFrame:
 
     cols = [c.name for c in PATIENT_COLUMNS if c.name in episodes.columns]
     return episodes.drop_duplicates("patient_id").head(n)[cols].reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def helpers() -> SimpleNamespace:
+    return SimpleNamespace(
+        FAST_MODEL=FAST_MODEL,
+        use_store=use_store,
+        fast_baselines=fast_baselines,
+        write_cohort=write_cohort,
+        write_bad_cohort=write_bad_cohort,
+        bad_config=bad_config,
+        read_patients=read_patients,
+    )
