@@ -21,10 +21,10 @@ from features.validate import validate
 from training import cli
 from training.sim_config import PACKAGED_CONFIG
 from training.simulate import (
-    _draw_hidden_state,
     TRUTH_COLUMNS,
     SimulateRunConfig,
     SimulatorConfig,
+    _draw_hidden_state,
     _realise,
     logging_policy,
     run,
