@@ -190,9 +190,9 @@ def main(argv=None) -> int:
     def measure(key, times, app_times, elapsed, errors=0) -> None:
         app50 = percentiles(app_times)[0]
         results.setdefault(key, []).append(
-            (*percentiles(times), len(times) / elapsed, app50, errors)
+            (*percentiles(times), len(times) / elapsed, app50, os.getloadavg()[0], errors)
         )
-        p50, p99, rps, _, _ = results[key][-1]
+        p50, p99, rps, *_ = results[key][-1]
         print(
             f"{key}: p50 {p50:.1f} ms p99 {p99:.1f} ms {rps:.1f} req/s (service p50 "
             f"{app50:.1f} ms)",
@@ -223,11 +223,11 @@ def main(argv=None) -> int:
     store.close()
     rows = []
     for (path, workers, conc), runs in results.items():
-        med = [statistics.median(r[k] for r in runs) for k in range(4)]
+        med = [statistics.median(r[k] for r in runs) for k in range(5)]
         name = (
             "in-process (PainPlanAPI.recommend)" if path == "in-process" else "HTTP (bentoml serve)"
         )
-        rows.append((name, workers, conc, *med, sum(r[4] for r in runs)))
+        rows.append((name, workers, conc, *med, sum(r[5] for r in runs)))
 
     write(rows, args, tag, bundle, load_start, os.getloadavg()[0])
     return 0
@@ -259,13 +259,13 @@ def write(rows, args, tag, bundle, load_start, load_end) -> None:
         f"{load_end:.2f} at end (other work on the machine slows every number).",
         "",
         "| path | workers | concurrency | p50 ms | p99 ms | throughput req/s "
-        "| service work p50 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| service work p50 ms | load avg | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, workers, conc, p50, p99, rps, app50, errors in rows:
+    for name, workers, conc, p50, p99, rps, app50, load, errors in rows:
         lines.append(
             f"| {name} | {workers} | {conc} | {p50:.1f} | {p99:.1f} | {rps:.1f} | {app50:.1f} "
-            f"| {errors} |"
+            f"| {load:.1f} | {errors} |"
         )
     verdict = "met" if http_c1 <= goal else "NOT met"
     lines += [
@@ -274,10 +274,12 @@ def write(rows, args, tag, bundle, load_start, load_end) -> None:
         f"measured {http_c1:.1f} ms: **{verdict}** (HTTP overhead "
         f"{http_c1 - inproc_p50:+.1f} ms, {100 * (http_c1 / inproc_p50 - 1):+.0f} %).",
         "",
-        "At concurrency 8 on two cores the requests queue for CPU (client and server share "
-        "the machine), so latency grows with the queue and throughput is the figure to read; "
-        "a second worker process is the way past the GIL, at the price of a second model copy "
-        "in memory. Scoring runs with one OpenMP thread per request (see recommender/api.py). "
+        "At concurrency 8 the client's eight threads and the service share two CPUs, so "
+        "latency is mostly queueing and throughput is the figure to read. Read the 1- and "
+        "2-worker rows with the load average beside them (the median of the 1-minute load "
+        "average over that configuration's runs): other work on a shared machine moves these "
+        "numbers more than the configuration does. Scoring runs with one OpenMP thread per "
+        "request (see recommender/api.py). "
         "'service work' is the service's own time per request from its `Server-Timing` header "
         "(parsing, validation, scoring, SHAP, audit commit, and any wait for a scoring "
         "thread); the rest of an HTTP latency is the socket, BentoML's middlewares and the "

@@ -76,7 +76,12 @@ class PatientEncoder:
                 continue
             s = patients[name]
             if col.dtype == "category":
-                codes = pd.Categorical(s, categories=list(col.levels)).codes.astype(float)
+                if isinstance(s.dtype, pd.CategoricalDtype) and tuple(s.cat.categories) == tuple(
+                    col.levels
+                ):  # already coded in the schema's levels (a validated frame): ~6x cheaper
+                    codes = s.cat.codes.to_numpy().astype(float)
+                else:
+                    codes = pd.Categorical(s, categories=list(col.levels)).codes.astype(float)
                 codes[codes < 0] = np.nan
                 cols.append(codes)
             elif col.dtype == "bool":

@@ -27,6 +27,7 @@ date        ``datetime64[us]``, ``NaT`` for missing
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -219,8 +220,8 @@ def _numeric(col: Column, s, text, missing, problems: _Problems) -> pd.Series:
 
 
 def _boolean(col: Column, s, text, missing, problems: _Problems) -> pd.Series:
-    if text is None:
-        value = s.astype("boolean").fillna(False).to_numpy(dtype=bool)
+    if text is None:  # bool or nullable boolean already: missing reads as False
+        value = s.to_numpy(dtype=bool, na_value=False)
         bad = np.zeros(len(s), dtype=bool)
     else:
         low = text.str.lower()
@@ -259,8 +260,15 @@ def _category(col: Column, s, text, missing, problems: _Problems) -> pd.Series:
         )
     if col.default is not None:
         codes = np.where(codes < 0, col.levels.index(col.default), codes)
-    cat = pd.Categorical.from_codes(codes, dtype=pd.CategoricalDtype(list(col.levels)))
+    cat = pd.Categorical.from_codes(codes, dtype=_categorical_dtype(col.levels))
     return pd.Series(cat, index=s.index)
+
+
+@functools.cache
+def _categorical_dtype(levels: tuple[str, ...]) -> pd.CategoricalDtype:
+    """One (immutable) dtype per level set: building it costs more than validating a one-row
+    request's column, and the HTTP service validates one row per request."""
+    return pd.CategoricalDtype(list(levels))
 
 
 def _string(col: Column, s, text, missing, problems: _Problems) -> pd.Series:

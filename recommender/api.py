@@ -116,8 +116,15 @@ class PainPlanAPI:
     # ----------------------------------------------------------------------- answers
 
     def recommend(self, body: bytes) -> dict:
-        """``POST /recommend``: the top-k allowed plans, explained, and every exclusion."""
+        """``POST /recommend``: the top-k allowed plans, explained, and every exclusion.
+
+        The body holds either ``{"patient": {...}}`` or ``{"fhir_bundle": {...}}`` (FHIR R4,
+        mapped by :func:`features.fhir.bundle_to_profile`; the answer then also lists what
+        was missing from the record and how that limits the recommendation)."""
         started, created = time.perf_counter(), utc_now()
+        fhir_report = None
+        if b'"fhir_bundle"' in body:
+            body, fhir_report = _profile_from_fhir(body)
         parsed = parse_recommend(body)
         with self._threads.limit(limits=1, user_api="openmp"):
             ranked = recommend(self.model, parsed.patient, parsed.top_k)
@@ -163,6 +170,8 @@ class PainPlanAPI:
             "excluded": excluded,
             "input_warnings": parsed.input_warnings,
         }
+        if fhir_report is not None:
+            answer["fhir"] = fhir_report
         ranked_summary = [
             {k: p[k] for k in p if k not in ("explanation", "components")} for p in answer_plans
         ]
@@ -384,6 +393,40 @@ class PainPlanAPI:
         return {"model": self.served.info, **self.served.card}
 
 
+_FHIR_FIELDS = {"fhir_bundle", "patient", "top_k", "as_of", "lookback_days",
+                "assume_missing_scores"}
+
+
+def _profile_from_fhir(body: bytes) -> tuple[bytes, dict]:
+    """Turn a ``{"fhir_bundle": ...}`` request into the ordinary ``{"patient": ...}`` body,
+    plus the mapping report. Explicit ``patient`` values win over the record."""
+    from features.fhir import bundle_to_profile
+
+    try:
+        request = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InvalidRequest([violation("(body)", f"not valid UTF-8 JSON: {err}",
+                                        has_value=False)]) from err
+    if not isinstance(request, dict) or not isinstance(request.get("fhir_bundle"), dict):
+        raise InvalidRequest([violation("fhir_bundle", "must be a FHIR Bundle JSON object",
+                                        has_value=False)])
+    unknown = sorted(set(request) - _FHIR_FIELDS)
+    if unknown:
+        raise InvalidRequest([violation(f, "unknown field", has_value=False) for f in unknown])
+    try:
+        mapped = bundle_to_profile(
+            request["fhir_bundle"], as_of=request.get("as_of"),
+            lookback_days=int(request.get("lookback_days", 365)),
+            assume_missing_scores=bool(request.get("assume_missing_scores", False)))
+        mapped.profile.update(request.get("patient") or {})
+        mapped.require_ready()
+    except (ContractError, ValueError, TypeError) as err:
+        raise InvalidRequest([violation("fhir_bundle", " ".join(str(err).split()),
+                                        has_value=False)]) from err
+    plain = {"patient": mapped.profile, "top_k": request.get("top_k", 5)}
+    return json.dumps(plain, default=str).encode(), mapped.report()
+
+
 def _moment(query: Mapping[str, str], name: str, problems: list) -> datetime | None:
     """An ISO 8601 date or date-time query parameter as naive UTC (naive input = UTC)."""
     raw = query.get(name)
@@ -401,5 +444,9 @@ def _moment(query: Mapping[str, str], name: str, problems: list) -> datetime | N
         )
         return None
     if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
+        try:
+            moment = moment.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:  # e.g. 0001-01-01T00:00+05:00 is before year 1 in UTC
+            problems.append(violation(name, "outside the years 1-9999 once converted to UTC", raw))
+            return None
     return moment

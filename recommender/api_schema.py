@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -289,6 +290,10 @@ def _quote(value: Any) -> str:
 
 def violation(field: str, problem: str, value: Any = None, *, has_value: bool = True) -> dict:
     shown = f" (value {_quote(value)})" if has_value else ""
+    try:  # the answer is strict JSON: 1e400 parses to inf, which it cannot carry as a number
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        value = _quote(value)
     return {
         "field": field,
         "value": value,
@@ -306,6 +311,10 @@ def parse_json(body: bytes) -> dict:
 
     try:
         data = json.loads(body.decode("utf-8"), parse_constant=refuse)
+    except RecursionError:  # '[[[[…' deeper than the interpreter's recursion limit
+        raise InvalidRequest(
+            [violation("(body)", f"nested more than {MAX_DEPTH} levels deep", has_value=False)]
+        ) from None
     except (UnicodeDecodeError, ValueError) as err:
         text = " ".join(str(err).split())
         raise InvalidRequest(
@@ -319,7 +328,47 @@ def parse_json(body: bytes) -> dict:
                 )
             ]
         )
+    problem = _unusable_part(data)
+    if problem is not None:
+        raise InvalidRequest([problem])
     return data
+
+
+MAX_DEPTH = 8  # a request is three levels deep (body, patient, value); more is never valid
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _unusable_part(data: dict) -> dict | None:
+    """The first part of a parsed body no later step can handle, as a violation: a string
+    (key or value) with a lone UTF-16 surrogate escape such as ``"\\ud800"`` (valid JSON,
+    but not Unicode text: it cannot be encoded, stored or even quoted back in the error), or
+    nesting deeper than MAX_DEPTH. Walked iteratively, so depth cannot exhaust the stack."""
+    stack: list[tuple[str, Any, int]] = [("", data, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return violation(path, f"nested more than {MAX_DEPTH} levels deep", has_value=False)
+        if isinstance(value, str) and _SURROGATE.search(value):
+            return violation(
+                path or "(body)",
+                "contains a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not "
+                "a Unicode character",
+                has_value=False,
+            )
+        if not isinstance(value, dict | list):
+            continue
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(key, str) and _SURROGATE.search(key):
+                shown = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                return violation(
+                    f"{path}.{shown}" if path else shown,
+                    "this field name contains a lone UTF-16 surrogate escape, which is not "
+                    "a Unicode character",
+                    has_value=False,
+                )
+            name = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+            stack.append((name, item, depth + 1))
+    return None
 
 
 def _loc(loc: tuple) -> str:

@@ -262,6 +262,15 @@ class AuditStore:
                 raise self._unavailable("create its tables in", err) from err
             log.debug("audit tables were created concurrently by another worker")
 
+    def has_schema(self) -> bool:
+        """Whether the audit tables exist (a store nothing was ever recorded in has none)."""
+        try:
+            with self._connect() as conn:
+                names = set(sa.inspect(conn).get_table_names())
+        except SQLAlchemyError as err:
+            raise self._unavailable("read from", err) from err
+        return {REQUESTS.name, OUTCOMES.name} <= names
+
     def close(self) -> None:
         """Release connections; the store refuses every call afterwards."""
         self._closed = True
@@ -314,6 +323,8 @@ class AuditStore:
 
     def get(self, request_id: str) -> dict | None:
         """One request with its outcome reports, or None."""
+        if "\x00" in request_id:  # no stored id holds one, and PostgreSQL text cannot: the
+            return None  # lookup would fail as an outage (503) instead of "not found"
         try:
             with self._connect() as conn:
                 row = (
@@ -345,6 +356,8 @@ class AuditStore:
         limit: int = 100,
     ) -> list[dict]:
         """Requests in time order with ``since <= created_at < until`` (UTC)."""
+        if model_version is not None and "\x00" in model_version:
+            return []  # as in get(): no version holds a NUL, and PostgreSQL cannot compare one
         query = sa.select(REQUESTS).order_by(REQUESTS.c.created_at, REQUESTS.c.request_id)
         if since is not None:
             query = query.where(REQUESTS.c.created_at >= since)

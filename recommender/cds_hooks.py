@@ -88,7 +88,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from features.errors import ContractError, PainplanError
+from features.errors import ConfigError, ContractError, PainplanError
 from features.fhir import DEFAULT_LOOKBACK_DAYS, FhirProfile, resources_to_profile
 from features.fhir_codes import load_code_table
 from recommender.cds_auth import (
@@ -141,9 +141,14 @@ class CdsSettings:
             for s in (env.get("PAINPLAN_CDS_FHIR_SERVERS") or "").split(",")
             if s.strip()
         )
+        lookback = env.get("PAINPLAN_CDS_LOOKBACK_DAYS") or str(DEFAULT_LOOKBACK_DAYS)
+        if not lookback.isdigit() or int(lookback) < 1:
+            raise ConfigError(f"PAINPLAN_CDS_LOOKBACK_DAYS must be a positive whole number of "
+                              f"days, got {lookback!r}")
         return cls(
             evidence_url=env.get("PAINPLAN_EVIDENCE_URL") or CDC_2022_URL,
             allowed_fhir_servers=servers,
+            lookback_days=int(lookback),
         )
 
 

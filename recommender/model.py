@@ -67,6 +67,14 @@ _N_COMPONENTS = len(COMPONENT_CODES)
 _NUISANCE_MAX_ROWS = 50_000
 
 
+def _predict(regressor, X: np.ndarray) -> np.ndarray:
+    """``LGBMRegressor.predict`` straight from its booster: the same trees and numbers, without
+    the sklearn wrapper's per-call parameter handling (get_params, deepcopy), which cost
+    1.5–4 ms per call — more than scoring a patient's 839 plans (bench/results/servers.md)."""
+    booster = getattr(regressor, "booster_", None)
+    return regressor.predict(X) if booster is None else booster.predict(X)
+
+
 def _logit(p):
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
@@ -180,10 +188,12 @@ class PlanOutcomeModel(BaseEstimator):
             verbose=-1,
         )
 
-    def _burden(self, patients: pd.DataFrame, plan_index: np.ndarray | None = None) -> np.ndarray:
+    def _burden(self, patients: pd.DataFrame, plan_index: np.ndarray | None = None, *,
+                prior: np.ndarray | None = None) -> np.ndarray:
         """(n, P) burden column of the effect basis for the given plans (all by default)."""
         plans = np.arange(N_PLANS) if plan_index is None else np.asarray(plan_index)
-        return burden_basis(prior_effects(patients))[:, plans]
+        prior = prior_effects(patients) if prior is None else prior
+        return burden_basis(prior)[:, plans]
 
     def _logged_basis(self, patients: pd.DataFrame, plan_idx: np.ndarray) -> np.ndarray:
         """(n, K) effect basis of each row's own plan: the static columns plus the burden."""
@@ -192,17 +202,17 @@ class PlanOutcomeModel(BaseEstimator):
         burden = (size - 1) * (static[:, :_N_COMPONENTS] * prior_effects(patients)).sum(1)
         return np.hstack([static, burden[:, None]])
 
-    def _plan_effects(self, tau: np.ndarray, patients: pd.DataFrame, plan_index: np.ndarray) -> np.ndarray:
+    def _plan_effects(self, coef: dict, patients: pd.DataFrame, plan_index: np.ndarray) -> np.ndarray:
         """(n, P) ψ(x, a)·τ(x): each plan's effect versus usual care."""
-        k = self.effect_basis_.shape[1]
-        return tau[:, :k] @ self.effect_basis_[plan_index].T + tau[:, k:k + 1] * self._burden(
-            patients, plan_index)
+        tau, k = coef["tau"], self.effect_basis_.shape[1]
+        burden = self._burden(patients, plan_index, prior=coef.get("prior"))
+        return tau[:, :k] @ self.effect_basis_[plan_index].T + tau[:, k:k + 1] * burden
 
-    def _prior_theta(self, patients: pd.DataFrame) -> np.ndarray:
+    def _prior_theta(self, patients: pd.DataFrame, prior: np.ndarray | None = None) -> np.ndarray:
         n = len(patients)
-        theta = np.zeros((n, self.effect_names_.__len__()))
+        theta = np.zeros((n, len(self.effect_names_)))
         if self.use_prior:
-            theta[:, :_N_COMPONENTS] = prior_effects(patients)
+            theta[:, :_N_COMPONENTS] = prior_effects(patients) if prior is None else prior
         return theta
 
     def _effect_design(self, patients: pd.DataFrame) -> np.ndarray:
@@ -369,12 +379,12 @@ class PlanOutcomeModel(BaseEstimator):
     def _nuisance(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.orthogonalize:
             return np.zeros(len(X)), np.zeros((len(X), len(self.effect_names_)))
-        m = np.mean([mm.predict(X) for mm in self.m_models_], axis=0)
+        m = np.mean([_predict(mm, X) for mm in self.m_models_], axis=0)
         e = np.mean([em.predict_raw(X) for em in self.e_models_], axis=0)
         return m, e
 
-    def _tau(self, X: np.ndarray, patients: pd.DataFrame) -> np.ndarray:
-        theta0 = self._prior_theta(patients)
+    def _tau(self, X: np.ndarray, patients: pd.DataFrame, prior: np.ndarray | None = None) -> np.ndarray:
+        theta0 = self._prior_theta(patients, prior)
         if not self.orthogonalize:
             theta0 = np.hstack([np.full((len(X), 1), self.intercept0_), theta0])
         return theta0 + self.effect_model_.predict_raw(X, self._effect_design(patients))
@@ -393,18 +403,22 @@ class PlanOutcomeModel(BaseEstimator):
         """
         X = self.encoder_.transform(patients) if X is None else X
         m, e = self._nuisance(X)
-        tau = self._tau(X, patients)
+        # The evidence prior is computed once per call: the coefficients, the burden column
+        # and the explanations all reuse it (it was the largest cost of a single request).
+        prior = prior_effects(patients)
+        tau = self._tau(X, patients, prior)
         if self.orthogonalize:
             baseline = m - (e * tau).sum(1)
         else:
             baseline, tau = tau[:, 0], tau[:, 1:]
         beta = self._prior_ae(len(X)) + self.ae_model_.predict_raw(X, self._ae_design(patients))
         scale = (
-            np.maximum(self.scale_model_.predict(X), 0.05)
+            np.maximum(_predict(self.scale_model_, X), 0.05)
             if hasattr(self, "scale_model_")
             else None
         )
-        return {"X": X, "baseline": baseline, "tau": tau, "beta": beta, "scale": scale}
+        return {"X": X, "baseline": baseline, "tau": tau, "beta": beta, "scale": scale,
+                "prior": prior}
 
     def predict_plans(
         self, patients: pd.DataFrame, plan_index=None, *, coefficients: dict | None = None
@@ -414,7 +428,7 @@ class PlanOutcomeModel(BaseEstimator):
         plan_index = np.arange(N_PLANS) if plan_index is None else np.asarray(plan_index)
         coef = coefficients or self.patient_coefficients(patients)
         peg = pd.to_numeric(patients[PEG]).to_numpy(dtype=float)[:, None]
-        ei = coef["baseline"][:, None] + self._plan_effects(coef["tau"], patients, plan_index)
+        ei = coef["baseline"][:, None] + self._plan_effects(coef, patients, plan_index)
         # Improvement is bounded by the scale: peg_12wk ∈ [0, 10].
         ei = np.clip(ei, peg - 10.0, peg)
         half = (self.conformal_q_ * coef["scale"])[:, None]

@@ -44,6 +44,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -62,10 +63,12 @@ from features.errors import ConfigError, ModelError, ModelNotFound, PainplanErro
 from recommender.access import AccessDenied, Role
 from recommender.api import PainPlanAPI, ServedModel
 from recommender.api_schema import InvalidRequest, openapi_document, violation
-from recommender.artifact import METADATA_FILE, MODEL_FILE, load_bundle
+from recommender.artifact import METADATA_FILE, load_bundle
 from recommender.audit import AuditStore, AuditUnavailable
+from recommender.cds_routes import create_cds_app
 from recommender.safety import RULESET_VERSION
 from recommender.settings import ServiceConfig, default_bentoml_home
+from recommender.web import UI_PATH, ui_app  # clinician/auditor pages (/ui)
 
 log = logging.getLogger(__name__)
 
@@ -348,8 +351,32 @@ def _startup_config() -> tuple[ServiceConfig, ServedModel, AuditStore]:
     return config, served, store
 
 
+def _exit_with_arbiter(poll_s: float = 0.5) -> None:
+    """Stop this worker when the ``bentoml serve`` process that started it is gone.
+
+    BentoML starts workers in sessions of their own, so when the server is killed (SIGKILL
+    of its process group, the OOM killer) a worker would live on as an orphan: answering on
+    the inherited socket under no supervisor, and holding the port, so that restarting the
+    service fails with "Address already in use" (docs/reliability.md). A committed audit
+    record is unaffected by the exit; an uncommitted one is rolled back and its answer was
+    never sent.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.error("the bentoml serve process (pid %d) is gone; this worker exits too", parent)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="painplan-arbiter-watch", daemon=True).start()
+
+
 @bentoml.service(name="painplan", traffic={"timeout": 60})
 @bentoml.asgi_app(_app, path="/")
+@bentoml.asgi_app(ui_app, path=UI_PATH)  # the web pages; they call the routes above
+@bentoml.asgi_app(  # CDS Hooks for EHRs; recommendations go through the same PainPlanAPI
+    create_cds_app(lambda: bentoml.get_current_service().api), path="/cds-services")
 class PainPlan:
     """Safety-gated plan recommendations with SHAP explanations and an audit trail."""
 
@@ -367,6 +394,8 @@ class PainPlan:
         config, served, store = _startup_config()
         self.api = PainPlanAPI(served, store, config)
         self._limiter: anyio.CapacityLimiter | None = None
+        if bentoml.server_context.worker_index is not None:  # a `bentoml serve` worker
+            _exit_with_arbiter()
         log.info(
             "serving %s version %s (%s, MLflow run %s); audit store %r",
             served.info["name"],
@@ -467,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["MODEL_FILE", "PainPlan", "import_model", "load_served_model", "main", "serving_tag"]
+__all__ = ["PainPlan", "import_model", "load_served_model", "main", "serving_tag"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -76,8 +76,9 @@ def empty_ranked() -> pd.DataFrame:
         {
             name: pd.Series(
                 [],
-                dtype=object if name in (PATIENT_ID, "plan") else (np.int64 if name == "rank"
-                                                                   else float),
+                dtype=object
+                if name in (PATIENT_ID, "plan")
+                else (np.int64 if name == "rank" else float),
             )
             for name in RANKED_COLUMNS
         }
@@ -120,8 +121,10 @@ class Piece:
     def describe(self) -> str:
         if self.row_groups is None:
             return self.path
-        return (f"{self.path} (data rows {self.first_row + 1}-{self.first_row + self.rows}; "
-                "row numbers below count from the first row of this block)")
+        return (
+            f"{self.path} (data rows {self.first_row + 1}-{self.first_row + self.rows}; "
+            "row numbers below count from the first row of this block)"
+        )
 
 
 def dataset_files(path: str | Path) -> list[Path]:
@@ -130,22 +133,30 @@ def dataset_files(path: str | Path) -> list[Path]:
     as ``_SUCCESS``/``_metadata`` are skipped, as Spark and Dask write them)."""
     path = Path(path)
     if not path.exists():
-        raise ContractError(f"{path}: no such file or directory; check the path (a .csv or "
-                            ".parquet file, or a directory of .parquet files)")
+        raise ContractError(
+            f"{path}: no such file or directory; check the path (a .csv or "
+            ".parquet file, or a directory of .parquet files)"
+        )
     if path.is_file():
         read_suffix = path.suffix.lower()
         if read_suffix not in SUFFIXES:
-            raise ContractError(f"{path.name}: unsupported file type {read_suffix or '(none)'!r};"
-                                " painplan reads .csv and .parquet files, or a directory of them")
+            raise ContractError(
+                f"{path.name}: unsupported file type {read_suffix or '(none)'!r};"
+                " painplan reads .csv and .parquet files, or a directory of them"
+            )
         return [path]
     files = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in SUFFIXES
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in SUFFIXES
         and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
     )
     if not files:
-        raise ContractError(f"{path}: the directory holds no .parquet or .csv files; point "
-                            "--patients at a patient file or a directory of Parquet partitions")
+        raise ContractError(
+            f"{path}: the directory holds no .parquet or .csv files; point "
+            "--patients at a patient file or a directory of Parquet partitions"
+        )
     return files
 
 
@@ -168,7 +179,8 @@ def dataset_pieces(path: str | Path, max_rows: int = PARTITION_ROWS) -> list[Pie
         except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError)
             raise ContractError(
                 f"{file}: cannot be read as parquet ({' '.join(str(err).split())}); check that "
-                "the file is not truncated and the extension matches the content") from err
+                "the file is not truncated and the extension matches the content"
+            ) from err
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         if meta.num_rows <= max_rows or len(sizes) <= 1:
             pieces.append(Piece(str(file), None, meta.num_rows))
@@ -187,7 +199,11 @@ def dataset_pieces(path: str | Path, max_rows: int = PARTITION_ROWS) -> list[Pie
         log.warning(
             "%d piece(s) exceed %d rows (largest %d, %s): each is read and held as one partition;"
             " write the dataset as more files or smaller row groups to spread and bound the work",
-            len(big), max_rows, max(p.rows for p in big), big[0].path)
+            len(big),
+            max_rows,
+            max(p.rows for p in big),
+            big[0].path,
+        )
     return pieces
 
 

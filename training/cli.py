@@ -73,6 +73,15 @@ def _stage(message: str) -> None:
     print(f"painplan: {message}", file=sys.stderr, flush=True)
 
 
+def _engine_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--engine", choices=["local", "dask"], default="local",
+                   help=f"where {what} runs: 'local' (default) in this process, 'dask' on a Dask "
+                        "cluster (needs the 'dask' extra: pip install 'painplan[dask]')")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="Dask scheduler to use with --engine dask, e.g. tcp://10.0.0.5:8786 "
+                        "(default: start a local cluster of 2 worker processes for this run)")
+
+
 @command("train")
 def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="FILE",
@@ -85,6 +94,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
                    help="make the new version champion if it is safe and at least as good")
     p.add_argument("--seed", type=int, metavar="S", help="random seed (default: from config, 0)")
     p.add_argument("--model-name", metavar="NAME", help="registered model name (default: painplan)")
+    _engine_options(p, "the LightGBM fitting")
     p.set_defaults(handler=_train)
 
 
@@ -96,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
         args.config, data=args.data, experiment=args.experiment, truth=args.truth,
         promote=args.promote, seed=args.seed, model_name=args.model_name,
     )
-    result = run(config, progress=_stage)
+    result = run(config, progress=_stage, engine=args.engine, scheduler=args.scheduler)
     print(f"run id: {result.run_id}")
     print(f"model URI: {result.model_uri}")
     if result.promotion is not None:
@@ -140,10 +150,12 @@ def _top_k(text: str) -> int:
 
 @command("recommend")
 def _recommend_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--patients", required=True, metavar="FILE",
-                   help="patient file (.csv or .parquet, CONTRACT §2)")
-    p.add_argument("--out", required=True, metavar="FILE",
-                   help="ranked plans to write (.csv or .parquet, CONTRACT §7)")
+    p.add_argument("--patients", required=True, metavar="FILE_OR_DIR",
+                   help="patient file (.csv or .parquet, CONTRACT §2), or a directory of them "
+                        "(a Parquet dataset)")
+    p.add_argument("--out", required=True, metavar="FILE_OR_DIR",
+                   help="ranked plans to write (CONTRACT §7): a .csv or .parquet file, or with "
+                        "--engine dask a directory of Parquet partitions")
     p.add_argument("--top-k", type=_top_k, default=5, metavar="K",
                    help="plans per patient, 1-50 (default: 5)")
     p.add_argument("--model", metavar="URI",
@@ -151,14 +163,30 @@ def _recommend_parser(p: argparse.ArgumentParser) -> None:
                         "model bundle directory")
     p.add_argument("--model-name", metavar="NAME", default="painplan",
                    help="registered model whose champion is the default (default: painplan)")
+    _engine_options(p, "scoring")
+    p.add_argument("--partition-rows", type=int, metavar="N",
+                   help="with --engine dask: at most N patients per partition (default: 20000; "
+                        "memory per worker thread ≈ 1 kB × N + 235 MB, see docs/scale-out.md)")
     p.set_defaults(handler=_recommend)
 
 
 def _recommend(args: argparse.Namespace) -> int:
     from training.pipeline import recommend_file
 
-    n = recommend_file(args.patients, args.out, model=args.model, top_k=args.top_k,
-                       model_name=args.model_name, progress=_stage)
+    if args.partition_rows is not None and args.engine != "dask":
+        raise ConfigError("--partition-rows applies to --engine dask only; add --engine dask or "
+                          "drop --partition-rows")
+    if args.engine == "dask":
+        from training.batch import PARTITION_ROWS
+        from training.dask_recommend import recommend_dataset
+
+        rows = PARTITION_ROWS if args.partition_rows is None else args.partition_rows
+        n = recommend_dataset(args.patients, args.out, model=args.model, top_k=args.top_k,
+                              model_name=args.model_name, scheduler=args.scheduler,
+                              partition_rows=rows, progress=_stage)
+    else:
+        n = recommend_file(args.patients, args.out, model=args.model, top_k=args.top_k,
+                           model_name=args.model_name, progress=_stage, scheduler=args.scheduler)
     print(f"{args.out}: {n} ranked plan row(s) written")
     return 0
 
@@ -211,6 +239,9 @@ def _export_outcomes(args: argparse.Namespace) -> int:
     url = args.audit_url or os.environ.get(AUDIT_URL_ENV, "").strip() or default_audit_url()
     store = AuditStore(url)
     try:
+        if not store.has_schema():
+            raise ConfigError(f"{store!r} holds no painplan audit records; point --audit-url "
+                              f"(or {AUDIT_URL_ENV}) at the store the service writes to")
         episodes = store.outcome_episodes()
     finally:
         store.close()

@@ -15,15 +15,15 @@ fits move to the cluster:
   data-parallel ``DaskLGBMRegressor`` fit. This works because the plan-level loss is a sum
   over rows: each row's gradient and Hessian need only that row's basis, target, offset,
   weight and prior θ0. ``lightgbm.dask`` hands a custom objective only ``(y_true, y_pred)``
-  of the worker's local rows, so the per-row design travels as follows: every row block is
-  scattered to one worker together with its design block (stored under a known key), the
-  label of a row is its *block number*, and the objective (:class:`_WorkerLoss`) decodes
-  the block order from the labels and reads the matching design blocks from the worker's
-  memory (or fetches them, should the scheduler have moved a block). θ0 is added inside the
-  objective instead of being passed as ``init_score``, which gives the same gradients.
+  of the worker's local rows, so the per-row design travels as follows: every row block of X
+  is scattered to one worker and its design block is put into that worker process's memory
+  (``client.run``, synchronous, never moved by the scheduler); the label of a row is its
+  *block number*; the objective (:class:`_WorkerLoss`) decodes the block order from the labels
+  and reads the matching design blocks. θ0 is added inside the objective instead of being
+  passed as ``init_score``, which gives the same gradients.
 * Early stopping needs the loss on the held-out rows after every round, computed identically
   on every worker (otherwise workers stop at different rounds and LightGBM's collective
-  hangs). The validation rows are broadcast to every worker; :class:`_ValidationLoss`, a
+  hangs, lightgbm-org/LightGBM#6351). The validation rows are put on every worker; :class:`_ValidationLoss`, a
   LightGBM callback, predicts them with the round's trees and appends the loss to the round's
   evaluation list, so the *same* ``lgb.early_stopping`` callback as the local fit stops all
   workers at the same round. The driver then replays the curve through the caller's own
@@ -74,16 +74,31 @@ def _decode_blocks(labels: np.ndarray) -> list[tuple[int, int]]:
     return [(int(ids[s]), int(k)) for s, k in zip(starts, lengths, strict=True)]
 
 
-def _local_value(key: str) -> Any:
-    """A value this worker holds under ``key`` (fetched from the cluster if it does not)."""
-    from distributed import Future, get_client, get_worker
+# Per-process store of the design blocks and validation data a worker's fits need, filled by
+# ``client.run(_store, …, workers=[…])`` before a fit and emptied after. Plain process memory:
+# synchronous to fill, never moved or spilled by the scheduler behind LightGBM's back.
+_REGISTRY: dict[str, Any] = {}
 
-    worker = get_worker()
-    if key in worker.data:
-        return worker.data[key]
-    log.info("design block %s is not on worker %s; fetching it", key, worker.address)
-    client = get_client()
-    return client.gather(Future(key, client=client))
+
+def _store(items: dict) -> None:
+    _REGISTRY.update(items)
+
+
+def _drop(prefix: str) -> None:
+    for key in [k for k in _REGISTRY if k.startswith(prefix)]:
+        del _REGISTRY[key]
+
+
+def _local_value(key: str) -> Any:
+    """A value stored on this worker for the current fit."""
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        raise RuntimeError(
+            f"{key} is not stored on this Dask worker: the scheduler moved a row block away "
+            "from the worker its design was sent to (was a worker restarted or added during "
+            "the fit?); retry the fit"
+        ) from None
 
 
 class _WorkerLoss:
@@ -108,8 +123,10 @@ class _WorkerLoss:
         for block, rows in _decode_blocks(y_true):
             part = _local_value(f"{_KEY_PREFIX}-{self.token}-{block}")
             if len(part["y"]) != rows:
-                raise RuntimeError(f"design block {block} has {len(part['y'])} rows, the "
-                                   f"worker's data {rows}: the row blocks were split")
+                raise RuntimeError(
+                    f"design block {block} has {len(part['y'])} rows, the "
+                    f"worker's data {rows}: the row blocks were split"
+                )
             blocks.append(part)
 
         def cat(name):
@@ -153,12 +170,11 @@ class _ValidationLoss:
             self._valid = _local_value(self.key)
             self._pred = np.array(self._valid["theta0"], dtype=float, copy=True)
         X = self._valid["X"]
-        step = env.model.predict(X, raw_score=True, start_iteration=env.iteration,
-                                 num_iteration=1)
+        step = env.model.predict(X, raw_score=True, start_iteration=env.iteration, num_iteration=1)
         self._pred += np.asarray(step).reshape(len(X), self.n_outputs)
         value = _loss_value(self.loss, self._valid["design"], self._pred)
         self.curve.append(float(value))
-        env.model.painplan_valid_curve = list(self.curve)
+        env.model.painplan_valid_curve = self.curve  # returned with the master's booster
         env.evaluation_result_list.append(_EvalResult("valid_0", "loss", value, False))
 
 
@@ -184,7 +200,20 @@ def _lightgbm_logs_to_logging() -> None:
     """Route LightGBM's messages (C++ "[LightGBM] [Info] Listening…" and Python "Finding
     random open ports…") to the ``lightgbm`` logger instead of stdout, where the CLI prints
     its result. Runs on the driver and on every worker."""
-    lgb.register_logger(logging.getLogger("lightgbm"))
+    logger = logging.getLogger("lightgbm")
+    if logger.level == logging.NOTSET:  # its INFO lines are LightGBM's networking chatter
+        logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _NJobsNoise) for f in logger.filters):
+        logger.addFilter(_NJobsNoise())
+    lgb.register_logger(logger)
+
+
+class _NJobsNoise(logging.Filter):
+    """lightgbm.dask warns "Parameter n_jobs will be ignored." on every fit, because the
+    sklearn estimators always carry an ``n_jobs`` (threads are set per Dask worker instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "n_jobs will be ignored" not in record.getMessage()
 
 
 class DaskLearners:
@@ -200,8 +229,9 @@ class DaskLearners:
     progress : callable(str), optional
     """
 
-    def __init__(self, client, *, blocks_per_worker: int = 1,
-                 progress: Callable[[str], None] | None = None):
+    def __init__(
+        self, client, *, blocks_per_worker: int = 1, progress: Callable[[str], None] | None = None
+    ):
         self.client = client
         self.blocks_per_worker = blocks_per_worker
         self.say = progress or log.info
@@ -219,31 +249,23 @@ class DaskLearners:
         bounds = _block_bounds(n, len(workers) * self.blocks_per_worker)
         return [(a, b, workers[i % len(workers)]) for i, (a, b) in enumerate(bounds)]
 
-    def distribute(self, *arrays: np.ndarray, blocks=None, keyed: Callable | None = None):
-        """Row blocks of ``arrays`` scattered to the workers, as Dask arrays (same chunks).
-
-        ``keyed(block, a, b)`` may return extra per-block data, stored on the same worker under
-        a known key (the objective's design). Returns the Dask arrays, and with ``keyed`` also
-        the futures that keep those blocks alive.
-        """
+    def distribute(self, *arrays: np.ndarray, blocks=None) -> list:
+        """Row blocks of ``arrays`` scattered to the workers, as Dask arrays (same chunks);
+        block ``i`` of every array lives on the worker ``blocks[i]`` names."""
         import dask
         import dask.array as da
 
         blocks = blocks or self._placed_blocks(len(arrays[0]))
         chunks: list[list] = [[] for _ in arrays]
-        keep = []
-        for i, (a, b, worker) in enumerate(blocks):
-            futures = self.client.scatter([arr[a:b] for arr in arrays], workers=[worker],
-                                          hash=False)
+        for a, b, worker in blocks:
+            futures = self.client.scatter(
+                [arr[a:b] for arr in arrays], workers=[worker], hash=False
+            )
             for j, (arr, fut) in enumerate(zip(arrays, futures, strict=True)):
-                chunks[j].append(da.from_delayed(dask.delayed(fut), (b - a, *arr.shape[1:]),
-                                                 dtype=arr.dtype))
-            keep.extend(futures)
-            if keyed is not None:
-                keep.extend(self.client.scatter(keyed(i, a, b), workers=[worker],
-                                                hash=False).values())
-        dask_arrays = [da.concatenate(c) for c in chunks]
-        return (dask_arrays, keep) if keyed is not None else dask_arrays
+                chunks[j].append(
+                    da.from_delayed(dask.delayed(fut), (b - a, *arr.shape[1:]), dtype=arr.dtype)
+                )
+        return [da.concatenate(c) for c in chunks]
 
     # ------------------------------------------------------------------ the engine protocol
 
@@ -257,9 +279,19 @@ class DaskLearners:
 
         return _DaskFit(self, DaskLGBMClassifier, params)
 
-    def train_booster(self, params: dict, train_set: lgb.Dataset, *, num_boost_round: int,
-                      valid_sets: list, callbacks: list, loss: str, design,
-                      valid_design=None, feval=None) -> lgb.Booster:
+    def train_booster(
+        self,
+        params: dict,
+        train_set: lgb.Dataset,
+        *,
+        num_boost_round: int,
+        valid_sets: list,
+        callbacks: list,
+        loss: str,
+        design,
+        valid_design=None,
+        feval=None,
+    ) -> lgb.Booster:
         """``lgb.train`` for a :class:`recommender.boosting.VaryingCoefficientBooster`, on the
         cluster: same parameters, same per-row objective, same stopping callbacks."""
         from lightgbm.callback import CallbackEnv, EarlyStopException
@@ -271,35 +303,57 @@ class DaskLearners:
         theta0 = np.asarray(train_set.init_score, dtype=float).reshape(n, n_outputs)
         token = secrets.token_hex(6)
 
-        def design_block(i, a, b):
-            return {f"{_KEY_PREFIX}-{token}-{i}": {
-                "B": None if design.B is None else design.B[a:b], "y": design.y[a:b],
-                "offset": design.offset[a:b], "weight": design.weight[a:b],
-                "theta0": theta0[a:b]}}
-
+        prefix = f"{_KEY_PREFIX}-{token}-"
         blocks = self._placed_blocks(n)
+        for i, (a, b, worker) in enumerate(blocks):
+            self.client.run(
+                _store,
+                {
+                    f"{prefix}{i}": {
+                        "B": None if design.B is None else design.B[a:b],
+                        "y": design.y[a:b],
+                        "offset": design.offset[a:b],
+                        "weight": design.weight[a:b],
+                        "theta0": theta0[a:b],
+                    }
+                },
+                workers=[worker],
+            )
         labels = np.concatenate([np.full(b - a, float(i)) for i, (a, b, _) in enumerate(blocks)])
-        (dX, dlabel), keep = self.distribute(X, labels, blocks=blocks, keyed=design_block)
+        dX, dlabel = self.distribute(X, labels, blocks=blocks)
 
         worker_callbacks: list = []
         if valid_sets:
             valid = valid_sets[0]
-            vkey = f"{_KEY_PREFIX}-{token}-valid"
             nv = np.asarray(valid.data).shape[0]
-            keep.extend(self.client.scatter({vkey: {
-                "X": np.asarray(valid.data),
-                "theta0": np.asarray(valid.init_score, dtype=float).reshape(nv, n_outputs),
-                "design": valid_design}}, broadcast=True, hash=False).values())
-            worker_callbacks = [_ValidationLoss(loss, vkey, n_outputs), *callbacks]
+            self.client.run(
+                _store,
+                {
+                    f"{prefix}valid": {
+                        "X": np.asarray(valid.data),
+                        "theta0": np.asarray(valid.init_score, dtype=float).reshape(nv, n_outputs),
+                        "design": valid_design,
+                    }
+                },
+            )
+            worker_callbacks = [_ValidationLoss(loss, f"{prefix}valid", n_outputs), *callbacks]
         local = {k: v for k, v in params.items() if k not in _DROPPED}
-        model = DaskLGBMRegressor(client=self.client, objective=_WorkerLoss(loss, token,
-                                                                            n_outputs),
-                                  n_estimators=num_boost_round, metric="None", **local)
+        model = DaskLGBMRegressor(
+            client=self.client,
+            objective=_WorkerLoss(loss, token, n_outputs),
+            n_estimators=num_boost_round,
+            metric="None",
+            **local,
+        )
         try:
-            model.fit(dX, dlabel, categorical_feature=train_set.categorical_feature,
-                      callbacks=worker_callbacks or None)
+            model.fit(
+                dX,
+                dlabel,
+                categorical_feature=train_set.categorical_feature,
+                callbacks=worker_callbacks or None,
+            )
         finally:
-            self.client.cancel(keep)
+            self.client.run(_drop, prefix)
         booster = model.booster_
         booster.best_iteration = 0
         curve = booster.__dict__.pop("painplan_valid_curve", None)
@@ -307,10 +361,14 @@ class DaskLearners:
             # Replay the curve through the caller's callbacks: fills their record (history_)
             # and re-derives the stopping round the workers used.
             for it, value in enumerate(curve):
-                env = CallbackEnv(model=booster, params=params, iteration=it, begin_iteration=0,
-                                  end_iteration=num_boost_round,
-                                  evaluation_result_list=[_EvalResult("valid_0", "loss",
-                                                                      value, False)])
+                env = CallbackEnv(
+                    model=booster,
+                    params=params,
+                    iteration=it,
+                    begin_iteration=0,
+                    end_iteration=num_boost_round,
+                    evaluation_result_list=[_EvalResult("valid_0", "loss", value, False)],
+                )
                 try:
                     for cb in sorted(callbacks, key=lambda c: getattr(c, "order", 0)):
                         cb(env)

@@ -43,8 +43,15 @@ PART_NAME = "part-{:05d}.parquet"
 # A minimal CONTRACT §2 patient, validated once on the driver to give Dask the exact column
 # types of a validated partition (its "meta") without reading any data there.
 _META_PATIENT = {
-    "patient_id": "meta", "age": 50, "sex": "female", "pain_condition": "low_back",
-    "pain_duration_months": 12.0, "pain_intensity": 5.0, "peg": 5.0, "phq9": 5, "gad7": 5,
+    "patient_id": "meta",
+    "age": 50,
+    "sex": "female",
+    "pain_condition": "low_back",
+    "pain_duration_months": 12.0,
+    "pain_intensity": 5.0,
+    "peg": 5.0,
+    "phq9": 5,
+    "gad7": 5,
 }
 
 
@@ -67,8 +74,9 @@ def read_valid_piece(piece: batch.Piece) -> pd.DataFrame:
 
 def rank_partition(patients: pd.DataFrame, model, *, top_k: int, chunk_size: int) -> pd.DataFrame:
     """Worker side: §7 rows of one validated partition, chunk by chunk (bounded memory)."""
-    parts = [rows for _, rows in batch.iter_ranked(model, patients, top_k=top_k,
-                                                   chunk_size=chunk_size)]
+    parts = [
+        rows for _, rows in batch.iter_ranked(model, patients, top_k=top_k, chunk_size=chunk_size)
+    ]
     return pd.concat(parts, ignore_index=True) if parts else batch.empty_ranked()
 
 
@@ -82,18 +90,26 @@ def write_part(rows: pd.DataFrame, path: str) -> int:
 
 def _check_out(out: Path) -> None:
     if out.suffix.lower() == ".csv":
-        raise ConfigError(f"--out {out}: the Dask engine writes a directory of Parquet "
-                          "partitions, not CSV; name a directory (e.g. ranked/)")
+        raise ConfigError(
+            f"--out {out}: the Dask engine writes a directory of Parquet "
+            "partitions, not CSV; name a directory (e.g. ranked/)"
+        )
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is an existing file; the Dask engine writes a directory "
-                          "of Parquet partitions: name a new or previous output directory")
+        raise ConfigError(
+            f"--out {out} is an existing file; the Dask engine writes a directory "
+            "of Parquet partitions: name a new or previous output directory"
+        )
     if out.is_dir():
-        foreign = [p.name for p in out.iterdir() if not (p.is_file() and p.name.startswith(
-            "part-") and p.suffix == ".parquet")]
+        foreign = [
+            p.name
+            for p in out.iterdir()
+            if not (p.is_file() and p.name.startswith("part-") and p.suffix == ".parquet")
+        ]
         if foreign:
             raise ConfigError(
                 f"--out {out} exists and holds other things than painplan partitions (e.g. "
-                f"{foreign[0]!r}); it is not replaced. Name a new directory, or empty it first")
+                f"{foreign[0]!r}); it is not replaced. Name a new directory, or empty it first"
+            )
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -132,22 +148,27 @@ def recommend_dataset(
     from distributed import as_completed
 
     from recommender.recommend import MAX_TOP_K
-    from training.dask_cluster import cluster
+    from training.dask_cluster import check_address, cluster
     from training.pipeline import load_scoring_model
 
     say = progress or log.info
     if not 1 <= int(top_k) <= MAX_TOP_K:
         raise ConfigError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
     if chunk_size < 1 or partition_rows < 1:
-        raise ConfigError(f"chunk_size and partition_rows must be at least 1, got {chunk_size} "
-                          f"and {partition_rows}")
+        raise ConfigError(
+            f"chunk_size and partition_rows must be at least 1, got {chunk_size} "
+            f"and {partition_rows}"
+        )
     out = Path(out_dir)
     _check_out(out)
+    check_address(scheduler)
     say(f"reading the layout of {patients_path}")
     pieces = batch.dataset_pieces(patients_path, partition_rows)
     known = sum(p.rows for p in pieces if p.rows >= 0)
-    say(f"{len(pieces)} partition(s) of at most {partition_rows} patients"
-        + (f" ({known} patients in Parquet)" if known else ""))
+    say(
+        f"{len(pieces)} partition(s) of at most {partition_rows} patients"
+        + (f" ({known} patients in Parquet)" if known else "")
+    )
     bundle = load_scoring_model(model, model_name=model_name, progress=say)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,18 +176,34 @@ def recommend_dataset(
     tmp.mkdir()
     written = 0
     try:
-        with cluster(scheduler, progress=say) as client, \
-                dask.config.set({"dataframe.convert-string": False}):  # keep validated dtypes
+        with (
+            cluster(scheduler, progress=say) as client,
+            # Partitions keep the validated dtypes (no conversion to Arrow strings).
+            dask.config.set({"dataframe.convert-string": False}),
+        ):
             say("sending the model to the workers")
-            model_on_workers = dask.delayed(client.scatter(bundle.model, broadcast=True,
-                                                           hash=False))
-            patients = dd.from_map(read_valid_piece, pieces, meta=_validated_meta(),
-                                   enforce_metadata=False, label="read-validate")
-            ranked = patients.map_partitions(rank_partition, model_on_workers, top_k=top_k,
-                                             chunk_size=chunk_size, meta=batch.empty_ranked(),
-                                             enforce_metadata=False)
-            writes = [dask.delayed(write_part)(part, str(tmp / PART_NAME.format(i)))
-                      for i, part in enumerate(ranked.to_delayed())]
+            model_on_workers = dask.delayed(
+                client.scatter(bundle.model, broadcast=True, hash=False)
+            )
+            patients = dd.from_map(
+                read_valid_piece,
+                pieces,
+                meta=_validated_meta(),
+                enforce_metadata=False,
+                label="read-validate",
+            )
+            ranked = patients.map_partitions(
+                rank_partition,
+                model_on_workers,
+                top_k=top_k,
+                chunk_size=chunk_size,
+                meta=batch.empty_ranked(),
+                enforce_metadata=False,
+            )
+            writes = [
+                dask.delayed(write_part)(part, str(tmp / PART_NAME.format(i)))
+                for i, part in enumerate(ranked.to_delayed())
+            ]
             futures = client.compute(writes)
             done = 0
             try:

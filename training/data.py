@@ -18,7 +18,7 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from features.errors import ConfigError, ContractError
 from features.io import read_table
-from features.schema import PATIENT_ID, PLAN, START_DATE
+from features.schema import ADVERSE_EVENT, PATIENT_ID, PEG, PEG_12WK, PLAN, START_DATE
 from features.validate import validate
 from training.config import TrainConfig
 
@@ -43,7 +43,33 @@ def load_episodes(path: str | Path) -> tuple[pd.DataFrame, list[str], str]:
     """
     raw = read_table(path)
     result = validate(raw, "episodes")
-    return result.frame, list(result.warnings), file_hash(path)
+    warnings = list(result.warnings) + outcome_warnings(result.frame)
+    return result.frame, warnings, file_hash(path)
+
+
+def outcome_warnings(frame: pd.DataFrame) -> list[str]:
+    """Warnings (logged, and recorded with the run) for outcomes a model cannot learn from:
+    no adverse event at all (or only adverse events), or the same improvement everywhere.
+    Such files are valid and may be honest (a small clinic), so they are not refused."""
+    out = []
+    n = len(frame)
+    events = int(frame[ADVERSE_EVENT].sum()) if n else 0
+    if n and events in (0, n):
+        out.append(
+            f"adverse_event is {'true' if events else 'false'} in all {n} episodes: the "
+            "adverse-event model cannot learn from this file how plans differ in risk; check "
+            "the adverse_event column"
+        )
+    improvement = (frame[PEG] - frame[PEG_12WK]).to_numpy(dtype=float)
+    if n > 1 and np.nanstd(improvement) == 0:
+        out.append(
+            f"every episode has the same improvement (peg - peg_12wk = {improvement[0]:g}): "
+            "the outcome model learns nothing about plans from this file; check peg and "
+            "peg_12wk"
+        )
+    for message in out:
+        log.warning(message)
+    return out
 
 
 def check_trainable(frame: pd.DataFrame, config: TrainConfig) -> None:
@@ -89,11 +115,15 @@ def split(frame: pd.DataFrame, config: TrainConfig) -> tuple[np.ndarray, np.ndar
             n_splits=1, test_size=config.test_fraction, random_state=config.seed
         )
         train_idx, test_idx = next(splitter.split(np.zeros(len(frame)), groups=groups))
-    if len(train_idx) == 0 or len(test_idx) == 0:
+    n_train_patients = len(np.unique(groups[train_idx]))
+    if len(train_idx) == 0 or len(test_idx) == 0 or n_train_patients < 2:
+        # (the model holds out a patient of the training set for early stopping: with one
+        # training patient it cannot, and fitting failed with a bare sklearn ValueError)
         raise ContractError(
             f"splitting {frame[PATIENT_ID].nunique()} patients with test_fraction "
-            f"{config.test_fraction} left the {'test' if len(test_idx) == 0 else 'training'} "
-            "set empty; add episodes from more patients."
+            f"{config.test_fraction} leaves {n_train_patients} patient(s) for training and "
+            f"{len(np.unique(groups[test_idx]))} for testing; training needs at least 2 and "
+            "testing at least 1: add episodes from more patients."
         )
     log.info(
         "split (%s): %d training and %d test episodes", config.split, len(train_idx), len(test_idx)

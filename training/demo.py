@@ -6,8 +6,9 @@ default ``./.painplan``); promotion also puts the champion into the BentoML mode
 (``$PAINPLAN_HOME/bentoml``). Then it generates a clinician key, an auditor key and an HMAC
 key, starts the HTTP service and prints the URL, the keys and a ``curl`` command to paste.
 
-The cohort is modest (5000 episodes) so the whole demo is serving within about three
-minutes on two cores; ``painplan train`` on a larger simulated file gives a better model.
+The cohort is modest (5000 episodes) so the demo is serving well within three minutes on two
+cores (about a minute measured); ``painplan train`` on a larger simulated file gives a
+better model.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def _serve(args: argparse.Namespace, folder: Path, start: float) -> int:
     )
 
     print("[4/4] starting the HTTP service", flush=True)
+    # One INFO line per readiness poll would bury the instructions printed below.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     clinician, auditor = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     env = {
         **os.environ,

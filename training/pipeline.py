@@ -202,6 +202,10 @@ def run(
 
     say = progress or log.info
     _check_engine(engine, scheduler)
+    if engine == "dask":
+        from training.dask_cluster import check_address
+
+        check_address(scheduler)  # a typo fails now, not after validating and splitting
 
     # 1. Everything that can be wrong with the inputs fails here, before any run exists.
     say(f"validating {config.data}")

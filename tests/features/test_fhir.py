@@ -28,7 +28,8 @@ from features.fhir_codes import check_code_table, load_code_table
 from features.schema import PRIOR_COLUMNS, RISK_FLAGS
 from features.validate import validate
 
-DATA = Path("/work/shared/data")
+# ../shared sits beside the repository (CONTRACT, data), on developers' machines and in CI.
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 SYNTHEA = sorted((DATA / "synthea").glob("*/*.json"))
 AHRQ = DATA / "cds-test-patients/ahrq-pain-management-summary/brenda_jackson.r4.json"
 BUNDLES = [*SYNTHEA, AHRQ]

@@ -30,7 +30,8 @@ from features.validate import validate
 from recommender import cds_hooks
 from recommender.cds_cards import SHORT_NAMES, fit_summary, plan_label
 
-DATA = Path("/work/shared/data")
+# ../shared sits beside the repository (CONTRACT, data), on developers' machines and in CI.
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 SYNTHEA = sorted((DATA / "synthea").glob("*/*.json"))
 AHRQ = DATA / "cds-test-patients/ahrq-pain-management-summary/brenda_jackson.r4.json"
 BUNDLES = [*SYNTHEA, AHRQ]

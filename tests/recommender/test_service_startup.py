@@ -168,3 +168,30 @@ def test_check_model_entry_point(served, capsys):
     assert main(["check-model", "--tag", "painplan:v0-000000000000"]) == 3
     err = capsys.readouterr().err.strip()
     assert err.startswith("painplan check-model: error: no model") and "\n" not in err
+
+
+def test_serve_without_a_champion_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    from training.cli import EXIT_MODEL, main
+
+    monkeypatch.setenv("PAINPLAN_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("PAINPLAN_MODEL_TAG", raising=False)
+    assert main(["serve", "--port", "3999"]) == EXIT_MODEL
+    err = capsys.readouterr().err
+    assert "has no champion to serve" in err and "painplan demo" in err
+
+
+def test_export_outcomes_from_an_empty_store_says_so(tmp_path, capsys):
+    from recommender.audit import AuditStore
+    from training.cli import EXIT_CONFIG, main
+
+    url = f"sqlite:///{tmp_path}/audit.db"
+    out = ["export-outcomes", "--out", str(tmp_path / "x.csv"), "--audit-url", url]
+    assert main(out) == EXIT_CONFIG
+    assert "holds no painplan audit records" in capsys.readouterr().err
+    store = AuditStore(url)
+    store.create_schema()
+    store.close()
+    assert main(out) == EXIT_CONFIG
+    assert "no reported outcomes yet" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()

@@ -1,0 +1,363 @@
+"""Benchmark the Dask engines against the single-process ones (issue "Scale-out on Dask").
+
+    /work/venv/bin/python bench/bench_dask.py [--sizes 100000 1000000] [--repeats 3]
+        [--large-repeats 1] [--train-sizes 100000] [--train-repeats 1] [--workdir DIR]
+
+Writes ``bench/results/dask.md``:
+
+* **Scoring**: patients from the simulator's patient generator (``truth_cohort(n).frame()``),
+  written as a partitioned Parquet dataset (files of 20,000 patients, the default partition
+  size), ranked top-5 by ``painplan recommend``'s two code paths —
+  ``pipeline.recommend_file`` (one process, one output file) and
+  ``dask_recommend.recommend_dataset`` on a ``LocalCluster`` of 2 worker processes × 1 thread
+  (one output file per partition). Wall-clock includes reading, validation, scoring and
+  writing; the cluster is started once beforehand and its start-up is reported separately
+  (``painplan recommend --engine dask`` without ``--scheduler`` pays it on every call). Peak
+  memory is the kernel's high-water mark (VmHWM, reset before each run) of the process, and of
+  each worker process.
+* **Training**: ``pipeline.fit_bundle`` (the outcome model and the logging-policy model, i.e.
+  every LightGBM fit of ``painplan train``) with ``engine="local"`` and ``engine="dask"`` on
+  the same simulated episodes, default model settings with ``n_jobs=1`` (2 OpenMP threads on
+  this shared 2-core machine oversubscribe it). MLflow logging and evaluation are the same
+  code for both engines and are not timed.
+
+Not a test: timings depend on the machine (shared with other jobs; the load average is
+recorded) — medians over ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "dask.md"
+FILE_ROWS = 20_000
+WORKERS = 2
+
+
+def _machine() -> str:
+    cpu = platform.processor()
+    info = Path("/proc/cpuinfo")
+    if not cpu and info.exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in info.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else ""
+    mem = ""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        kb = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    return (
+        f"{platform.platform()}, {platform.machine()}, {cpu or 'unknown CPU'}, "
+        f"os.cpu_count()={os.cpu_count()}{mem}, Python {platform.python_version()}"
+    )
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def _reset_peak() -> None:
+    """Reset this process's VmHWM (Linux ≥ 4.0); harmless elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    return ", ".join(
+        f"{p} {version(p)}"
+        for p in ("dask", "distributed", "lightgbm", "numpy", "pandas", "pyarrow")
+    )
+
+
+def write_patients(n: int, root: Path, seed: int) -> Path:
+    """``n`` simulated contract patients as ``root/part-*.parquet`` files of FILE_ROWS rows."""
+    from training.simulate import truth_cohort
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, n, FILE_ROWS)):
+        rows = min(FILE_ROWS, n - start)
+        # Each file its own seeded draw: 1M patients never sit in memory at once.
+        truth_cohort(rows, seed=seed * 10_000 + i).frame().to_parquet(
+            root / f"part-{i:05d}.parquet", index=False
+        )
+    return root
+
+
+def train_scoring_model(workdir: Path, seed: int) -> tuple[str, float]:
+    from features.validate import validate
+    from recommender.artifact import save_bundle
+    from training.config import ModelParams, TrainConfig
+    from training.pipeline import fit_bundle
+    from training.simulate import simulate_episodes
+
+    episodes = validate(simulate_episodes(20_000, seed=seed, progress=False), "episodes").frame
+    started = time.perf_counter()
+    bundle = fit_bundle(
+        episodes,
+        TrainConfig(data="bench", seed=seed, model=ModelParams(n_jobs=1)),
+        progress=lambda _: None,
+    )
+    seconds = time.perf_counter() - started
+    bundle.metadata = {"seed": seed, "note": "bench_dask scoring model"}
+    save_bundle(bundle, workdir / "bundle")
+    return str(workdir / "bundle"), seconds
+
+
+def _worker_peaks(client) -> list[float]:
+    return sorted(client.run(_peak_mb).values())
+
+
+def _worker_reset(client) -> None:
+    client.run(_reset_peak)
+
+
+def score_once(engine: str, patients: Path, model: str, out: Path, client=None) -> dict:
+    from training.dask_recommend import recommend_dataset
+    from training.pipeline import recommend_file
+
+    shutil.rmtree(out, ignore_errors=True)
+    if out.is_file():
+        out.unlink()
+    _reset_peak()
+    if client is not None:
+        _worker_reset(client)
+    started = time.perf_counter()
+    if engine == "local":
+        rows = recommend_file(patients, out, model=model, top_k=5, progress=lambda _: None)
+    else:
+        rows = recommend_dataset(
+            patients,
+            out,
+            model=model,
+            top_k=5,
+            scheduler=client.scheduler.address,
+            progress=lambda _: None,
+        )
+    seconds = time.perf_counter() - started
+    result = {"seconds": seconds, "rows": rows, "peak_mb": _peak_mb()}
+    if client is not None:
+        result["worker_peaks_mb"] = _worker_peaks(client)
+    return result
+
+
+def start_cluster():
+    from distributed import Client, LocalCluster
+
+    started = time.perf_counter()
+    cluster = LocalCluster(
+        n_workers=WORKERS,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.CRITICAL,
+    )
+    client = Client(cluster)
+    # What a cold `--engine dask` call also pays: painplan imported on every worker.
+    client.run(lambda: __import__("training.batch") and None)
+    return cluster, client, time.perf_counter() - started
+
+
+def fit_once(engine: str, episodes, seed: int, scheduler: str | None) -> dict:
+    from training.config import ModelParams, TrainConfig
+    from training.pipeline import fit_bundle
+
+    config = TrainConfig(data="bench", seed=seed, model=ModelParams(n_jobs=1))
+    started = time.perf_counter()
+    bundle = fit_bundle(
+        episodes, config, engine=engine, scheduler=scheduler, progress=lambda _: None
+    )
+    seconds = time.perf_counter() - started
+    m = bundle.model
+    return {
+        "seconds": seconds,
+        "iterations": f"e {[e.best_iteration_ for e in m.e_models_]}, "
+        f"τ {m.effect_model_.best_iteration_}, β {m.ae_model_.best_iteration_}",
+    }
+
+
+def _median(runs: list[dict], key: str = "seconds") -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--repeats", type=int, default=3, help="repeats below 500k patients")
+    parser.add_argument("--large-repeats", type=int, default=1, help="repeats from 500k")
+    parser.add_argument("--train-sizes", type=int, nargs="*", default=[100_000])
+    parser.add_argument("--train-repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # its INFO chatter, in-process
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="painplan-bench-dask-"))
+    work.mkdir(parents=True, exist_ok=True)
+    load_before = _load()
+    print(f"workdir {work}; load average {load_before}", flush=True)
+    model, fit_seconds = train_scoring_model(work, args.seed)
+    print(f"scoring model fitted in {fit_seconds:.1f} s", flush=True)
+
+    cluster, client, startup = start_cluster()
+    startups = [startup]
+    scoring: list[dict] = []
+    training: list[dict] = []
+    try:
+        for n in args.sizes:
+            patients = write_patients(n, work / f"patients-{n}", args.seed)
+            repeats = args.repeats if n < 500_000 else args.large_repeats
+            runs: dict[str, list[dict]] = {"local": [], "dask": []}
+            for r in range(repeats):
+                for engine in ("local", "dask"):
+                    out = work / (
+                        f"ranked-{engine}-{n}" + (".parquet" if engine == "local" else "")
+                    )
+                    res = score_once(
+                        engine, patients, model, out, client if engine == "dask" else None
+                    )
+                    runs[engine].append(res)
+                    print(
+                        f"score n={n} {engine} run {r + 1}: {res['seconds']:.1f} s, "
+                        f"peak {res['peak_mb']:.0f} MB"
+                        + (f", workers {res['worker_peaks_mb']}" if engine == "dask" else ""),
+                        flush=True,
+                    )
+            scoring.append({"n": n, "repeats": repeats, **runs})
+            shutil.rmtree(patients, ignore_errors=True)
+        for n in args.train_sizes:
+            from features.validate import validate
+            from training.simulate import simulate_episodes
+
+            episodes = validate(
+                simulate_episodes(n, seed=args.seed, progress=False), "episodes"
+            ).frame
+            runs = {"local": [], "dask": []}
+            for r in range(args.train_repeats):
+                for engine in ("local", "dask"):
+                    res = fit_once(
+                        engine,
+                        episodes,
+                        args.seed,
+                        client.scheduler.address if engine == "dask" else None,
+                    )
+                    runs[engine].append(res)
+                    print(
+                        f"train n={n} {engine} run {r + 1}: {res['seconds']:.1f} s "
+                        f"({res['iterations']})",
+                        flush=True,
+                    )
+            training.append({"n": n, "repeats": args.train_repeats, **runs})
+    finally:
+        client.close()
+        cluster.close()
+    for _ in range(2):  # start-up is cheap to repeat: a median of three
+        c, cl, s = start_cluster()
+        startups.append(s)
+        cl.close()
+        c.close()
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        render(
+            scoring, training, statistics.median(startups), fit_seconds, load_before, _load(), args
+        ),
+        encoding="utf-8",
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def render(scoring, training, startup, fit_seconds, load_before, load_after, args) -> str:
+    lines = [
+        "# Dask engines benchmark",
+        "",
+        f"Machine: {_machine()}.",
+        f"Libraries: {_versions()}.",
+        f"Written by `bench/bench_dask.py` (seed {args.seed}). The machine is shared with other "
+        f"jobs: load average {load_before} before, {load_after} after the run; timings are "
+        "wall-clock medians of the stated repeats.",
+        "",
+        "Dask: `LocalCluster` of 2 worker processes × 1 thread, no dashboard, started once "
+        f"beforehand; start-up incl. importing painplan on the workers: **{startup:.1f} s** "
+        "(median of 3), paid by every `painplan recommend/train --engine dask` call without "
+        "`--scheduler`.",
+        "",
+        "## Scoring (`painplan recommend`, top-5 of 839 plans)",
+        "",
+        f"Patients from the simulator's patient generator, Parquet files of {FILE_ROWS:,} "
+        "patients (= one Dask partition each), 5000-patient scoring chunks in both engines. "
+        f"Scoring model: default settings, n_jobs=1, fitted on 20,000 episodes "
+        f"({fit_seconds:.0f} s). Output is identical between the engines (tests/training/"
+        "test_dask.py).",
+        "",
+        "| patients | engine | runs | wall-clock, s (median) | patients/s | speed-up | "
+        "peak RSS driver, MB | peak RSS per worker, MB |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in scoring:
+        local = _median(row["local"])
+        for engine in ("local", "dask"):
+            runs = row[engine]
+            sec = _median(runs)
+            peak = max(r["peak_mb"] for r in runs)
+            workers = (
+                ", ".join(f"{m:.0f}" for m in runs[-1]["worker_peaks_mb"])
+                if engine == "dask"
+                else "–"
+            )
+            lines.append(
+                f"| {row['n']:,} | {'single process' if engine == 'local' else 'Dask, 2 workers'}"
+                f" | {len(runs)} | {sec:.1f} | {row['n'] / sec:,.0f} | {local / sec:.2f}× | "
+                f"{peak:.0f} | {workers} |"
+            )
+    lines += ["", "## Training (`pipeline.fit_bundle`: outcome model + logging-policy model)", ""]
+    if training:
+        lines += [
+            "| episodes | engine | runs | wall-clock, s (median) | ratio to local | "
+            "boosting rounds kept (e(x) folds, τ, β) |",
+            "|---:|---|---:|---:|---:|---|",
+        ]
+        for row in training:
+            local = _median(row["local"])
+            for engine in ("local", "dask"):
+                runs = row[engine]
+                sec = _median(runs)
+                lines.append(
+                    f"| {row['n']:,} | {engine} | {len(runs)} | {sec:.1f} | {sec / local:.2f} | "
+                    f"{runs[-1]['iterations']} |"
+                )
+    else:
+        lines.append("(not run: `--train-sizes` was empty)")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
