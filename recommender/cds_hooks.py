@@ -712,3 +712,30 @@ __all__ = [
     "prefetch_templates",
     "verify_jwt",
 ]
+
+
+def request_from_bundle(bundle: dict, *, user_id: str = "Practitioner/example") -> dict:
+    """A ``patient-view`` request for the patient in a FHIR bundle, with every discovery
+    prefetch key filled as a client would: the Patient, and each search as a searchset of the
+    patient's resources of that type (and LOINC code, for Observation templates). For trying
+    the service against test records (``painplan cds-request``)."""
+    resources = [e["resource"] for e in bundle.get("entry", []) if "resource" in e]
+    patient = next((r for r in resources if r.get("resourceType") == "Patient"), None)
+    if patient is None:
+        raise ContractError("the bundle holds no Patient resource; a patient-view request "
+                            "needs one")
+    prefetch: dict[str, dict] = {}
+    for key, template in prefetch_templates().items():
+        rtype = template.split("?")[0].split("/")[0]
+        if rtype == "Patient":
+            prefetch[key] = patient
+            continue
+        code = template.split("code=")[1].split("&")[0].split("|")[1] if "code=" in template else None
+        hits = [r for r in resources if r.get("resourceType") == rtype and (
+            code is None
+            or any(c.get("code") == code for c in r.get("code", {}).get("coding", [])))]
+        prefetch[key] = {"resourceType": "Bundle", "type": "searchset",
+                         "entry": [{"resource": r} for r in hits]}
+    return {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
+            "context": {"userId": user_id, "patientId": patient.get("id", "")},
+            "prefetch": prefetch}

@@ -121,8 +121,11 @@ def create_cds_app(current_api: Callable[[], PainPlanAPI]) -> Starlette:
         log.info("cds-services/%s feedback: %d record(s)", service_id, len(body.get("records", [])))
         return JSONResponse({}, status_code=200)
 
+    # Full paths, mounted at the root: the spec's discovery URL is exactly
+    # {base}/cds-services, and a sub-mount would answer it with a redirect to a trailing '/'.
     return Starlette(routes=[
-        Route("/", discovery, methods=["GET"], name="cds_discovery"),
-        Route("/{service_id}", call, methods=["POST"], name="cds_call"),
-        Route("/{service_id}/feedback", feedback, methods=["POST"], name="cds_feedback"),
+        Route("/cds-services", discovery, methods=["GET"], name="cds_discovery"),
+        Route("/cds-services/{service_id}", call, methods=["POST"], name="cds_call"),
+        Route("/cds-services/{service_id}/feedback", feedback, methods=["POST"],
+              name="cds_feedback"),
     ])

@@ -376,7 +376,7 @@ def _exit_with_arbiter(poll_s: float = 0.5) -> None:
 @bentoml.asgi_app(_app, path="/")
 @bentoml.asgi_app(ui_app, path=UI_PATH)  # the web pages; they call the routes above
 @bentoml.asgi_app(  # CDS Hooks for EHRs; recommendations go through the same PainPlanAPI
-    create_cds_app(lambda: bentoml.get_current_service().api), path="/cds-services")
+    create_cds_app(lambda: bentoml.get_current_service().api), path="/")
 class PainPlan:
     """Safety-gated plan recommendations with SHAP explanations and an audit trail."""
 

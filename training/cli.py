@@ -266,7 +266,31 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
     add_cli_options(p)
 
 
+@command("cds-request")
+def _cds_request_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="a FHIR R4 bundle (JSON) holding one patient's record")
+    p.set_defaults(handler=_cds_request)
+
+
+def _cds_request(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from recommender.cds_hooks import request_from_bundle
+
+    path = Path(args.bundle)
+    try:
+        bundle = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ContractError(f"{path}: cannot read a FHIR bundle ({err}); give a JSON file "
+                            "such as ../shared/data/synthea/*/*.json") from err
+    print(json.dumps(request_from_bundle(bundle)))
+    return 0
+
+
 _HELP = {
+    "cds-request": "print a CDS Hooks patient-view request (with prefetch) built from a FHIR "
+                   "bundle, to try the service",
     "demo": "from nothing: simulate, validate, train, promote a champion and serve it",
     "validate": "check a patient or episode file against the contract; list every violation",
     "simulate": "write a synthetic, literature-calibrated cohort of treatment episodes",

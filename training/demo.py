@@ -145,12 +145,18 @@ def _serve(args: argparse.Namespace, folder: Path, start: float) -> int:
         "PAINPLAN_API_KEYS": f"clinician:{clinician},auditor:{auditor}",
         "PAINPLAN_HMAC_KEY": secrets.token_hex(32),
         "PAINPLAN_DEMO": "1",
+        # CDS Hooks JWT checks are off for the local demo only (no EHR issues tokens here),
+        # and the look-back reaches the public test patients, whose records carry fixed
+        # 2017-2023 dates.
+        "PAINPLAN_CDS_AUTH": "off",
+        "PAINPLAN_CDS_LOOKBACK_DAYS": "5000",
     }
     keys_file = folder / KEYS_FILE
     keys_file.write_text(
         "".join(
             f"export {k}='{env[k]}'\n"
-            for k in ("PAINPLAN_API_KEYS", "PAINPLAN_HMAC_KEY", "PAINPLAN_DEMO")
+            for k in ("PAINPLAN_API_KEYS", "PAINPLAN_HMAC_KEY", "PAINPLAN_DEMO",
+                      "PAINPLAN_CDS_AUTH", "PAINPLAN_CDS_LOOKBACK_DAYS")
         ),
         encoding="utf-8",
     )
@@ -176,6 +182,8 @@ Rank plans for a patient:
 
 Read the audit trail:   curl -s -H 'Authorization: Bearer {auditor}' '{config.url}/audit?limit=5'
 Model card and lineage: curl -s -H 'Authorization: Bearer {auditor}' {config.url}/model
+CDS Hooks discovery:    curl -s {config.url}/cds-services   (a patient-view call: see README)
+Web pages:              {config.url}/ui/ (clinician)   {config.url}/ui/auditor
 API description:        {config.url}/openapi.json    Metrics: {config.url}/metrics
 
 Ctrl-C stops the service.""",

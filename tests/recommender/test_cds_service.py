@@ -18,24 +18,6 @@ BRENDA = DATA / "cds-test-patients" / "ahrq-pain-management-summary" / "brenda_j
 SERVICE_ID = cds_hooks.discovery()["services"][0]["id"]
 
 
-def _prefetch(bundle: dict, patient_id: str) -> dict:
-    """Prefetch as a client would send it: the Patient, and each search as a searchset of the
-    patient's resources of that type (the service keeps the codes it knows)."""
-    resources = [e["resource"] for e in bundle["entry"]]
-    out = {}
-    for key, template in cds_hooks.prefetch_templates().items():
-        rtype = template.split("?")[0].split("/")[0]
-        if rtype == "Patient":
-            out[key] = next(r for r in resources if r["resourceType"] == "Patient")
-            continue
-        code = template.split("code=")[1].split("&")[0].split("|")[1] if "code=" in template else None
-        hits = [r for r in resources if r["resourceType"] == rtype and (
-            code is None or any(c.get("code") == code for c in r.get("code", {}).get("coding", [])))]
-        out[key] = {"resourceType": "Bundle", "type": "searchset",
-                    "entry": [{"resource": r} for r in hits]}
-    return out
-
-
 @pytest.fixture
 def client(asgi_client, tmp_path):
     # The test records carry fixed 2017-2023 dates: look back far enough to see them.
@@ -46,7 +28,7 @@ def client(asgi_client, tmp_path):
 
 
 def test_discovery_lists_the_patient_view_service(client):
-    r = client.get("/cds-services")
+    r = client.get("/cds-services", follow_redirects=False)  # the spec's URL, exactly
     assert r.status_code == 200
     services = r.json()["services"]
     assert [s["hook"] for s in services] == ["patient-view"]
@@ -55,11 +37,7 @@ def test_discovery_lists_the_patient_view_service(client):
 
 def test_patient_view_answers_cards_without_an_opioid_for_a_benzodiazepine_user(client):
     bundle = json.loads(BRENDA.read_text())
-    patient = next(e["resource"] for e in bundle["entry"]
-                   if e["resource"]["resourceType"] == "Patient")
-    request = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
-               "context": {"userId": "Practitioner/example", "patientId": patient["id"]},
-               "prefetch": _prefetch(bundle, patient["id"])}
+    request = cds_hooks.request_from_bundle(bundle)
     r = client.post(f"/cds-services/{SERVICE_ID}", json=request)
     assert r.status_code == 200, r.text
     cards = r.json()["cards"]
