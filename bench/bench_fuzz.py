@@ -149,7 +149,9 @@ def write(report: H.FuzzReport, rows: dict, rows_ok: bool, args, load_start, loa
         "route), `explain` (valid and rule-breaking/unknown/unicode plans), `outcomes` "
         "(valid, unknown ids, bad plan/peg_12wk/adverse_event, missing/extra fields), "
         "`audit` (known and random ids, odd query values and parameters), `auth` (no key, "
-        "wrong scheme, unknown key, wrong role), `model`; `schemathesis/positive|negative` "
+        "wrong scheme, unknown key, wrong role), `model`, `fhir` (`{\"fhir_bundle\": …}` "
+        "requests: a minimal rankable bundle as is, or with an option, an element, deep "
+        "nesting or a lone surrogate replaced); `schemathesis/positive|negative` "
         "for every operation (one in ten with schemathesis' own generated Authorization "
         "header).",
         "",

@@ -37,6 +37,7 @@ from recommender.api_schema import (
     InvalidRequest,
     episode_violations,
     parse_explain,
+    parse_json,
     parse_outcome_shape,
     parse_recommend,
     violation,
@@ -395,6 +396,7 @@ class PainPlanAPI:
 
 _FHIR_FIELDS = {"fhir_bundle", "patient", "top_k", "as_of", "lookback_days",
                 "assume_missing_scores"}
+FHIR_MAX_DEPTH = 64  # Bundle > entry > resource > element > … (extensions nest further)
 
 
 def _profile_from_fhir(body: bytes) -> tuple[bytes, dict]:
@@ -402,12 +404,10 @@ def _profile_from_fhir(body: bytes) -> tuple[bytes, dict]:
     plus the mapping report. Explicit ``patient`` values win over the record."""
     from features.fhir import bundle_to_profile
 
-    try:
-        request = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise InvalidRequest([violation("(body)", f"not valid UTF-8 JSON: {err}",
-                                        has_value=False)]) from err
-    if not isinstance(request, dict) or not isinstance(request.get("fhir_bundle"), dict):
+    # the same checks as every body (deep nesting, lone surrogates, NaN: each was a 500
+    # here), with room for FHIR's nesting
+    request = parse_json(body, max_depth=FHIR_MAX_DEPTH)
+    if not isinstance(request.get("fhir_bundle"), dict):
         raise InvalidRequest([violation("fhir_bundle", "must be a FHIR Bundle JSON object",
                                         has_value=False)])
     unknown = sorted(set(request) - _FHIR_FIELDS)
@@ -420,7 +420,7 @@ def _profile_from_fhir(body: bytes) -> tuple[bytes, dict]:
             assume_missing_scores=bool(request.get("assume_missing_scores", False)))
         mapped.profile.update(request.get("patient") or {})
         mapped.require_ready()
-    except (ContractError, ValueError, TypeError) as err:
+    except (ContractError, ValueError, TypeError, OverflowError) as err:  # Overflow: 1e400 days
         raise InvalidRequest([violation("fhir_bundle", " ".join(str(err).split()),
                                         has_value=False)]) from err
     plain = {"patient": mapped.profile, "top_k": request.get("top_k", 5)}

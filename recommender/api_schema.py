@@ -302,9 +302,11 @@ def violation(field: str, problem: str, value: Any = None, *, has_value: bool = 
     }
 
 
-def parse_json(body: bytes) -> dict:
+def parse_json(body: bytes, *, max_depth: int | None = None) -> dict:
     """The request body as a JSON object; NaN/Infinity are refused (not JSON, and a NaN
-    would silently read as 'missing')."""
+    would silently read as 'missing'), and so are lone surrogate escapes and nesting deeper
+    than ``max_depth`` (default MAX_DEPTH; a FHIR bundle needs more)."""
+    max_depth = MAX_DEPTH if max_depth is None else max_depth
 
     def refuse(constant: str) -> Any:
         raise ValueError(f"{constant} is not a JSON value")
@@ -313,7 +315,7 @@ def parse_json(body: bytes) -> dict:
         data = json.loads(body.decode("utf-8"), parse_constant=refuse)
     except RecursionError:  # '[[[[…' deeper than the interpreter's recursion limit
         raise InvalidRequest(
-            [violation("(body)", f"nested more than {MAX_DEPTH} levels deep", has_value=False)]
+            [violation("(body)", f"nested more than {max_depth} levels deep", has_value=False)]
         ) from None
     except (UnicodeDecodeError, ValueError) as err:
         text = " ".join(str(err).split())
@@ -328,7 +330,7 @@ def parse_json(body: bytes) -> dict:
                 )
             ]
         )
-    problem = _unusable_part(data)
+    problem = _unusable_part(data, max_depth)
     if problem is not None:
         raise InvalidRequest([problem])
     return data
@@ -338,7 +340,7 @@ MAX_DEPTH = 8  # a request is three levels deep (body, patient, value); more is 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-def _unusable_part(data: dict) -> dict | None:
+def _unusable_part(data: dict, max_depth: int = MAX_DEPTH) -> dict | None:
     """The first part of a parsed body no later step can handle, as a violation: a string
     (key or value) with a lone UTF-16 surrogate escape such as ``"\\ud800"`` (valid JSON,
     but not Unicode text: it cannot be encoded, stored or even quoted back in the error), or
@@ -346,8 +348,8 @@ def _unusable_part(data: dict) -> dict | None:
     stack: list[tuple[str, Any, int]] = [("", data, 0)]
     while stack:
         path, value, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            return violation(path, f"nested more than {MAX_DEPTH} levels deep", has_value=False)
+        if depth > max_depth:
+            return violation(path, f"nested more than {max_depth} levels deep", has_value=False)
         if isinstance(value, str) and _SURROGATE.search(value):
             return violation(
                 path or "(body)",

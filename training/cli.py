@@ -76,7 +76,7 @@ def _stage(message: str) -> None:
 def _engine_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--engine", choices=["local", "dask"], default="local",
                    help=f"where {what} runs: 'local' (default) in this process, 'dask' on a Dask "
-                        "cluster (needs the 'dask' extra: pip install 'painplan[dask]')")
+                        "cluster (needs the 'dask' extra: pip install -e '.[dask]')")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="Dask scheduler to use with --engine dask, e.g. tcp://10.0.0.5:8786 "
                         "(default: start a local cluster of 2 worker processes for this run)")

@@ -12,8 +12,8 @@
 * checks that every worker runs painplan with the same feature schema and safety ruleset as
   this process: a worker with other code would score or fit with other rules, silently.
 
-Dask is imported here, inside functions: it is an optional extra (``pip install
-'painplan[dask]'``) and nothing in painplan needs it unless ``--engine dask`` is chosen.
+Dask is imported here, inside functions: it is an optional extra (``pip install -e
+'.[dask]'``) and nothing in painplan needs it unless ``--engine dask`` is chosen.
 """
 
 from __future__ import annotations
@@ -41,16 +41,18 @@ def _require_dask():
     except ImportError as err:
         raise ConfigError(
             f"--engine dask needs Dask, which is not installed here ({err}). Install the extra "
-            "with \"pip install 'painplan[dask]'\" (dask[distributed]), or use --engine local."
+            "(dask[dataframe,distributed]) with pip install -e '.[dask]' in the checkout, or "
+            "use --engine local."
         ) from err
     return distributed
 
 
-def check_address(address: str | None) -> None:
-    """Fail fast, in words, when a scheduler ``address`` is malformed or nothing listens
-    there (``None``, a local cluster, passes). Callers run it before slow preparations."""
+def check_dask(address: str | None) -> None:
+    """Fail fast, in words, when Dask is not installed, or a scheduler ``address`` is
+    malformed or nothing listens there (``None`` means a local cluster). Callers run it before
+    slow preparations."""
+    _require_dask()
     if address is not None:
-        _require_dask()
         _probe(address.strip())
 
 

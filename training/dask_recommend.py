@@ -143,12 +143,8 @@ def recommend_dataset(
     input piece, in input order. ``scheduler`` is a Dask scheduler address; without one a
     local cluster is started for the call. Returns the number of rows written.
     """
-    import dask
-    import dask.dataframe as dd
-    from distributed import as_completed
-
     from recommender.recommend import MAX_TOP_K
-    from training.dask_cluster import check_address, cluster
+    from training.dask_cluster import check_dask, cluster
     from training.pipeline import load_scoring_model
 
     say = progress or log.info
@@ -161,7 +157,11 @@ def recommend_dataset(
         )
     out = Path(out_dir)
     _check_out(out)
-    check_address(scheduler)
+    check_dask(scheduler)
+    import dask
+    import dask.dataframe as dd
+    from distributed import as_completed
+
     say(f"reading the layout of {patients_path}")
     pieces = batch.dataset_pieces(patients_path, partition_rows)
     known = sum(p.rows for p in pieces if p.rows >= 0)

@@ -203,9 +203,9 @@ def run(
     say = progress or log.info
     _check_engine(engine, scheduler)
     if engine == "dask":
-        from training.dask_cluster import check_address
+        from training.dask_cluster import check_dask
 
-        check_address(scheduler)  # a typo fails now, not after validating and splitting
+        check_dask(scheduler)  # a typo fails now, not after validating and splitting
 
     # 1. Everything that can be wrong with the inputs fails here, before any run exists.
     say(f"validating {config.data}")
