@@ -86,12 +86,17 @@ def create_cds_app(current_api: Callable[[], PainPlanAPI]) -> Starlette:
         refused = _check(request, f"{_base_url(request)}/cds-services")
         return refused or JSONResponse(cds_hooks.discovery())
 
-    async def call(request: Request) -> JSONResponse:
+    async def authenticated_body(request: Request) -> tuple[str, object, JSONResponse | None]:
+        """The hook's service id and JSON body once the caller's JWT is accepted."""
         service_id = request.path_params["service_id"]
         refused = _check(request, f"{_base_url(request)}/cds-services/{service_id}")
         if refused:
-            return refused
+            return service_id, None, refused
         data, refused = await _json_body(request)
+        return service_id, data, refused
+
+    async def call(request: Request) -> JSONResponse:
+        service_id, data, refused = await authenticated_body(request)
         if refused:
             return refused
         api, settings = current_api(), _settings()
@@ -107,11 +112,7 @@ def create_cds_app(current_api: Callable[[], PainPlanAPI]) -> Starlette:
         return JSONResponse(body, status_code=status)
 
     async def feedback(request: Request) -> JSONResponse:
-        service_id = request.path_params["service_id"]
-        refused = _check(request, f"{_base_url(request)}/cds-services/{service_id}")
-        if refused:
-            return refused
-        data, refused = await _json_body(request)
+        service_id, data, refused = await authenticated_body(request)
         if refused:
             return refused
         status, body = cds_hooks.feedback(service_id, data)

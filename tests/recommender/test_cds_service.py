@@ -79,3 +79,12 @@ def test_recommend_with_a_broken_bundle_names_the_field(client, helpers):
     r = client.post("/recommend", headers=helpers.CLINICIAN, json={"fhir_bundle": "not a bundle"})
     assert r.status_code == 400
     assert r.json()["violations"][0]["field"] == "fhir_bundle"
+
+
+def test_feedback_is_accepted_and_malformed_feedback_refused(client):
+    ok = {"feedback": [{"card": str(uuid.uuid4()), "outcome": "overridden",
+                        "outcomeTimestamp": "2026-11-21T10:00:00Z"}]}
+    r = client.post(f"/cds-services/{SERVICE_ID}/feedback", json=ok)
+    assert r.status_code == 200 and r.json() == {}
+    r = client.post(f"/cds-services/{SERVICE_ID}/feedback", json={"feedback": []})
+    assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
