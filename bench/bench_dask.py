@@ -327,7 +327,9 @@ def render(scoring, training, startup, fit_seconds, load_before, load_after, arg
         "the driver process plus every worker process, summed over their threads) is the work "
         "done, and is the number that carries over to other machines: scoring is embarrassingly "
         "parallel, so on idle or additional cores the Dask wall-clock approaches CPU ÷ worker "
-        "threads. *cores busy* = CPU ÷ wall-clock.",
+        "threads. *cores busy* = CPU ÷ wall-clock. The single-process engine is one process, "
+        "not one thread: numpy's BLAS and Arrow use both cores where they can, while each Dask "
+        "worker runs one thread (Dask sets OMP/OPENBLAS/MKL_NUM_THREADS=1 in its workers).",
         "",
         "Dask: `LocalCluster` of 2 worker processes × 1 thread, no dashboard, started once "
         f"beforehand; start-up incl. importing painplan on the workers: **{startup:.1f} s** "

@@ -163,7 +163,8 @@ def _one(n: int, timeout: float, keep: Path | None) -> dict:
     if row["returncode"] != 0 and not row["timed_out"]:
         raise SystemExit(f"train failed for n={n} (exit {row['returncode']}); see {log_path}"
                          if keep else f"train failed for n={n} (exit {row['returncode']})")
-    return {"n": n, "simulate_s": simulate_s, "load_before": load_before, **row}
+    at = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    return {"n": n, "at": at, "simulate_s": simulate_s, "load_before": load_before, **row}
 
 
 def _fmt_stages(stages: dict) -> str:
@@ -177,7 +178,8 @@ def write(rows: list[dict], args) -> None:
     lines = [
         "# Training cost (`painplan train`: validate, fit, evaluate, log, register)",
         "",
-        f"`/work/venv/bin/python bench/bench_training.py --sizes {' '.join(map(str, args.sizes))}`"
+        f"`/work/venv/bin/python bench/bench_training.py --sizes "
+        f"{' '.join(map(str, getattr(args, 'shown', args.sizes)))}`"
         " — one run per size (each is minutes long), each in its own subprocess against a "
         "throw-away MLflow store (SQLite + local artifacts); the simulated episode file is "
         "written beforehand and not timed. Seed 3, default `TrainConfig` (production model "
@@ -189,16 +191,16 @@ def write(rows: list[dict], args) -> None:
         "columns are the 1-minute load average just before and (mean) during each run; on 2 "
         "CPUs anything above ~2 means the run did not have the machine to itself.",
         "",
-        "| episodes | wall time (s) | CPU time (s) | stages: start-up / validate / fit / evaluate / log (s) "
+        "| episodes | measured at (UTC) | wall time (s) | CPU time (s) | stages: start-up / validate / fit / evaluate / log (s) "
         "| peak RSS, train process (GiB) | peak RSS, process tree (GiB) | s per 10k episodes "
         "| load before / during |",
-        "|---:|---:|---:|---|---:|---:|---:|---|",
+        "|---:|---|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
         status = " (timed out)" if r["timed_out"] else ""
         during = f"{r['load_during']:.1f}" if r["load_during"] is not None else "-"
         lines.append(
-            f"| {r['n']:,} | {r['seconds']:.1f}{status} | {r['cpu_seconds']:.0f} | "
+            f"| {r['n']:,} | {r.get('at', '-')} | {r['seconds']:.1f}{status} | {r['cpu_seconds']:.0f} | "
             f"{_fmt_stages(r['stages'])} | {r['peak_gib']:.2f} | {r['tree_peak_gib']:.2f} | "
             f"{10_000 * r['seconds'] / r['n']:.2f} | {r['load_before']:.1f} / {during} |"
         )
@@ -234,7 +236,8 @@ def write(rows: list[dict], args) -> None:
         "![training time and memory](training.png)",
         "",
         f"Rerun: `/work/venv/bin/python bench/bench_training.py --sizes "
-        f"{' '.join(map(str, args.sizes))}`",
+        f"{' '.join(map(str, getattr(args, 'shown', args.sizes)))}` (`--merge` reruns some "
+        "sizes and keeps the others' rows)",
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "training.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -271,13 +274,23 @@ def main(argv=None) -> int:
                         help="seconds before one train run is stopped (default 5400)")
     parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
                         help="keep each run's train log in DIR")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of bench/results/training.json for sizes not "
+                        "run now (e.g. rerun 10k and 100k without repeating a long 1M run)")
     args = parser.parse_args(argv)
     if args.keep_logs:
         args.keep_logs.mkdir(parents=True, exist_ok=True)
-    rows = []
+    kept = []
+    if args.merge and (RESULTS / "training.json").is_file():
+        kept = [r for r in json.loads((RESULTS / "training.json").read_text())
+                if r["n"] not in args.sizes]
+    shown = sorted({*args.sizes, *(r["n"] for r in kept)})
+    rows = list(kept)
     for n in sorted(args.sizes):
         row = _one(n, args.timeout, args.keep_logs)
         rows.append(row)
+        rows.sort(key=lambda r: r["n"])
+        args.shown = shown
         print(f"n={n}: {row['seconds']:.1f} s{' (timed out)' if row['timed_out'] else ''}, "
               f"peak {row['peak_gib']:.2f} GiB (tree {row['tree_peak_gib']:.2f}), stages "
               f"{_fmt_stages(row['stages'])}", flush=True)
