@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from features.catalog import COMPONENT_BY_CODE, COMPONENT_CODES, PLAN_INDEX, PLANS
+from features.encode import history_terms
+from features.priors import prior_effects
 from features.schema import COLUMNS_BY_NAME
 
 _LABELS = {
@@ -54,28 +56,52 @@ def _display(name: str, raw: float) -> str:
     return f"{round(float(raw), 1):g}"
 
 
-def _parts(model, patient: pd.DataFrame, plan_idx: np.ndarray):
+def _parts(model, patient: pd.DataFrame, plan_idx: np.ndarray, shared: dict | None = None):
     """Base value (P,) and per-feature contributions (P, d) of the plan part, for one patient.
 
     Also returns the per-(component, feature) effect contributions (P, K, d) for phrasing.
+    ``shared`` (from :func:`explain_each`) holds this patient's encoded row ``X``, evidence
+    prior ``prior`` and TreeSHAP values ``phi_tau``/``phi_beta``, computed for a whole batch;
+    without it they are computed here. Either way the numbers are the same.
     """
-    X = model.encoder_.transform(patient)
+    if shared is None:
+        X = model.encoder_.transform(patient)
+        phi_tau = model.effect_model_.contributions(X)[0]  # (K', d+1)
+        phi_beta = model.ae_model_.contributions(X)[0]  # (K_AE, d+1)
+        raw_prior = prior_effects(patient)
+    else:
+        X, phi_tau, phi_beta = shared["X"], shared["phi_tau"], shared["phi_beta"]
+        raw_prior = shared["prior"]
+    prior = model._prior_theta(patient, raw_prior)[0]
     d = X.shape[1]
-    phi_tau = model.effect_model_.contributions(X)[0]  # (K', d+1)
     shift = model.effect_model_.gamma_[:, 0]  # the exactly-solved average correction (K')
     if not model.orthogonalize:
         phi_tau, shift = phi_tau[1:], shift[1:]
-    B = np.hstack([model.effect_basis_[plan_idx], model._burden(patient, plan_idx).T])  # (P, K)
-    prior = model._prior_theta(patient)[0]
+    B = model.plan_basis(patient, plan_idx, prior=raw_prior)[0]  # (P, K)
     prior_dev = prior - model.tau_prior_mean_
     base_eff = B @ (model.tau_prior_mean_ + shift + phi_tau[:, d])
     per_comp = B[:, :, None] * phi_tau[None, :, :d]  # (P, K, d)
     eff = per_comp.sum(1)
-    cond = model.encoder_.feature_names_.index("pain_condition")
+    names = model.encoder_.feature_names_
+    cond = names.index("pain_condition")
     eff[:, cond] += B @ prior_dev
     per_comp[:, :, cond] += B * prior_dev[None, :]
+    k = model.effect_basis_.shape[1]
+    if model.n_history_:
+        # History columns are component terms: fold them into their components for phrasing,
+        # and give their learned average (which is specific to this patient's history, not
+        # the average patient's) to the prior_<component> feature that switched it on.
+        history = history_terms(patient, raw_prior)[0]  # (J, 12)
+        weights = model.effect_basis_[plan_idx, :_N]  # (P, 12)
+        per_comp[:, :_N] += weights[:, :, None] * np.einsum("jc,jf->cf", history, phi_tau[k + 1:, :d])
+        by_component = weights * ((shift + phi_tau[:, d])[k + 1:] @ history)[None, :]  # (P, 12)
+        base_eff = base_eff - by_component.sum(1)
+        for c, code in enumerate(COMPONENT_CODES):
+            f = names.index(f"prior_{code}")
+            eff[:, f] += by_component[:, c]
+            per_comp[:, c, f] += by_component[:, c]
+        per_comp = per_comp[:, : k + 1]
 
-    phi_beta = model.ae_model_.contributions(X)[0]  # (K_AE, d+1)
     A = model.ae_basis_[plan_idx]
     beta0 = model._prior_ae(1)[0]
     logit_base = A @ (beta0 + model.ae_model_.gamma_[:, 0] + phi_beta[:, d])
@@ -121,10 +147,11 @@ def _items(model, contrib, per_comp, harm, x, top_n: int) -> list[dict]:
     return items
 
 
-def explain_plans(model, patient: pd.DataFrame, plans, top_n: int = 6) -> list[dict]:
+def explain_plans(model, patient: pd.DataFrame, plans, top_n: int = 6, *,
+                  _shared: dict | None = None) -> list[dict]:
     """Explanation of each plan's utility for one patient (a one-row validated frame)."""
     idx = np.array([PLAN_INDEX[p] if isinstance(p, str) else int(p) for p in plans])
-    base, contrib, per_comp, harm, x = _parts(model, patient, idx)
+    base, contrib, per_comp, harm, x = _parts(model, patient, idx, _shared)
     out = []
     for k, i in enumerate(idx):
         out.append({
@@ -134,6 +161,41 @@ def explain_plans(model, patient: pd.DataFrame, plans, top_n: int = 6) -> list[d
             "note": "SHAP values in PEG points on this plan's utility relative to usual care; "
                     "base_value is the average patient's; they add up to plan_effect",
         })
+    return out
+
+
+def explain_each(model, patients: pd.DataFrame, plans: list, top_n: int = 6, *,
+                 coefficients: dict | None = None, singles: list | None = None
+                 ) -> list[list[dict]]:
+    """:func:`explain_plans` for each patient of a validated frame, as if alone:
+    ``result[i] == explain_plans(model, patients.iloc[[i]], plans[i], top_n)``.
+
+    The encoding, the evidence prior and the two TreeSHAP passes run once for the batch
+    (they are row by row, so each row is what it would be alone); the products with the plan
+    basis run per patient. ``coefficients`` may pass
+    :meth:`~recommender.model.PlanOutcomeModel.patient_coefficients` of the same frame (its
+    ``X`` and ``prior``), saving the encoding and prior a second time, and ``singles`` the
+    one-row frames ``patients.iloc[[i]]``.
+    """
+    if len(plans) != len(patients):
+        raise ValueError(f"{len(plans)} plan lists for {len(patients)} patients")
+    wanted = [i for i, p in enumerate(plans) if len(p)]
+    if not wanted:
+        return [[] for _ in plans]
+    coef = coefficients or {}
+    X = coef.get("X")
+    X = model.encoder_.transform(patients) if X is None else X
+    prior = coef.get("prior")
+    prior = prior_effects(patients) if prior is None else prior
+    rows = X[wanted]
+    phi_tau = model.effect_model_.contributions(rows)
+    phi_beta = model.ae_model_.contributions(rows)
+    out: list[list[dict]] = [[] for _ in plans]
+    for j, i in enumerate(wanted):
+        shared = {"X": X[i : i + 1], "prior": prior[i : i + 1], "phi_tau": phi_tau[j],
+                  "phi_beta": phi_beta[j]}
+        one = patients.iloc[i : i + 1] if singles is None else singles[i]
+        out[i] = explain_plans(model, one, plans[i], top_n, _shared=shared)
     return out
 
 

@@ -49,10 +49,12 @@ from sklearn.model_selection import GroupKFold, GroupShuffleSplit
 
 from features.catalog import COMPONENT_CODES, N_PLANS, PLAN_INDEX, plan_matrix
 from features.encode import (
+    HISTORY_LEVELS,
     PatientEncoder,
     ae_basis,
     burden_basis,
     effect_basis,
+    history_terms,
     schema_fingerprint,
 )
 from features.priors import AE_PRIOR, prior_effects
@@ -196,18 +198,59 @@ class PlanOutcomeModel(BaseEstimator):
         prior = prior_effects(patients) if prior is None else prior
         return burden_basis(prior)[:, plans]
 
+    @property
+    def n_history_(self) -> int:
+        """Number of history-pooled outputs (0 for models fitted before they existed)."""
+        return len(self.effect_names_) - self.effect_basis_.shape[1] - 1
+
+    def _history(self, patients: pd.DataFrame, prior: np.ndarray) -> np.ndarray | None:
+        return history_terms(patients, prior) if self.n_history_ else None
+
     def _logged_basis(self, patients: pd.DataFrame, plan_idx: np.ndarray) -> np.ndarray:
-        """(n, K) effect basis of each row's own plan: the static columns plus the burden."""
+        """(n, K) effect basis of each row's own plan: the static columns, the burden and the
+        history-pooled columns (see :meth:`plan_basis`)."""
         static = self.effect_basis_[plan_idx]
+        weights = static[:, :_N_COMPONENTS]
         size = plan_matrix()[plan_idx].sum(1)
-        burden = (size - 1) * (static[:, :_N_COMPONENTS] * prior_effects(patients)).sum(1)
-        return np.hstack([static, burden[:, None]])
+        prior = prior_effects(patients)
+        columns = [static, ((size - 1) * (weights * prior).sum(1))[:, None]]
+        history = self._history(patients, prior)
+        if history is not None:
+            columns.append(np.einsum("njc,nc->nj", history, weights))
+        return np.hstack(columns)
+
+    def plan_basis(self, patients: pd.DataFrame, plan_index: np.ndarray,
+                   prior: np.ndarray | None = None) -> np.ndarray:
+        """(n, P, K) the effect basis ψ(x, a) of the given plans for each patient, columns as
+        ``effect_names_``: plan ψ(x, a)·τ(x) is the plan's effect versus usual care."""
+        prior = prior_effects(patients) if prior is None else prior
+        static = self.effect_basis_[np.asarray(plan_index)]
+        n = len(prior)
+        parts = [np.broadcast_to(static, (n, *static.shape)),
+                 self._burden(patients, plan_index, prior=prior)[:, :, None]]
+        history = self._history(patients, prior)
+        if history is not None:
+            parts.append(np.einsum("njc,pc->npj", history, static[:, :_N_COMPONENTS]))
+        return np.concatenate(parts, axis=2)
 
     def _plan_effects(self, coef: dict, patients: pd.DataFrame, plan_index: np.ndarray) -> np.ndarray:
-        """(n, P) ψ(x, a)·τ(x): each plan's effect versus usual care."""
+        """(n, P) ψ(x, a)·τ(x): each plan's effect versus usual care, without materialising
+        the (n, P, K) basis: the history columns are component terms (their coefficient times
+        each component's history-matched prior effect), so they fold into the component
+        coefficients before the one product with the plans."""
         tau, k = coef["tau"], self.effect_basis_.shape[1]
-        burden = self._burden(patients, plan_index, prior=coef.get("prior"))
-        return tau[:, :k] @ self.effect_basis_[plan_index].T + tau[:, k:k + 1] * burden
+        prior = coef.get("prior")
+        prior = prior_effects(patients) if prior is None else prior
+        basis = self.effect_basis_[plan_index]
+        components = tau[:, :_N_COMPONENTS]
+        if self.n_history_:
+            history = coef.get("history")
+            history = self._history(patients, prior) if history is None else history
+            components = components + np.einsum("nj,njc->nc", tau[:, k + 1:], history)
+        burden = self._burden(patients, plan_index, prior=prior)
+        return (components @ basis[:, :_N_COMPONENTS].T
+                + tau[:, _N_COMPONENTS:k] @ basis[:, _N_COMPONENTS:].T
+                + tau[:, k:k + 1] * burden)
 
     def _prior_theta(self, patients: pd.DataFrame, prior: np.ndarray | None = None) -> np.ndarray:
         n = len(patients)
@@ -263,7 +306,7 @@ class PlanOutcomeModel(BaseEstimator):
         X = self.encoder_.transform(patients)
         cat = self.encoder_.categorical_indices
         self.effect_basis_, names = effect_basis()
-        self.effect_names_ = names + ("burden",)
+        self.effect_names_ = names + ("burden",) + tuple(f"history:{h}" for h in HISTORY_LEVELS)
         self.ae_basis_, self.ae_names_ = ae_basis()
         Bf = self._logged_basis(patients, plan_idx)
         Ba = self.ae_basis_[plan_idx]
@@ -419,7 +462,7 @@ class PlanOutcomeModel(BaseEstimator):
             else None
         )
         return {"X": X, "baseline": baseline, "tau": tau, "beta": beta, "scale": scale,
-                "prior": prior}
+                "prior": prior, "history": self._history(patients, prior)}
 
     def predict_plans(
         self, patients: pd.DataFrame, plan_index=None, *, coefficients: dict | None = None
@@ -446,7 +489,9 @@ class PlanOutcomeModel(BaseEstimator):
 
     def component_effects(self, patients: pd.DataFrame) -> np.ndarray:
         """(n, 12) estimated single-component effect on improvement vs usual care."""
-        return self.patient_coefficients(patients)["tau"][:, :_N_COMPONENTS]
+        coef = self.patient_coefficients(patients)
+        singles = np.array([PLAN_INDEX[code] for code in COMPONENT_CODES])
+        return self._plan_effects(coef, patients, singles)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "effect_model_"):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from features.catalog import PLAN_INDEX, PLANS, plan_matrix
+from features.catalog import COMPONENT_CODES, PLAN_INDEX, PLANS, plan_matrix
 from features.schema import ADVERSE_EVENT, PEG, PEG_12WK, PLAN, PROPENSITY, RESPONDER_FRACTION
 from recommender.ranking import rank_plans
 from recommender.recommend import recommend
@@ -33,6 +33,7 @@ from training.truth import (
 
 log = logging.getLogger(__name__)
 CHUNK = 4000
+_SINGLE_PLANS = [PLAN_INDEX[code] for code in COMPONENT_CODES]
 S_LEARNER_MAX_PATIENTS = 2000  # the S-learner scores n × 839 rows: subsample for speed
 AGE_BANDS = [17, 34, 49, 64, 79, 120]
 AGE_LABELS = ["18-34", "35-49", "50-64", "65-79", "80+"]
@@ -64,7 +65,9 @@ def _passes(model, patients: pd.DataFrame, logged: np.ndarray | None, top_k: int
         put("guideline", guideline_ranking(chunk, allowed, 1, profile)[:, 0])
         put("q_random", np.where(allowed, u, 0).sum(1) / np.maximum(allowed.sum(1), 1))
         put("n_allowed", allowed.sum(1))
-        put("component_effects", ranked.coefficients["tau"][:, :12])
+        # Single-component plans' expected improvement; √PEHE centres it per patient, so the
+        # baseline cancels and this compares like with like against the truth's single plans.
+        put("component_effects", est.expected_improvement[:, _SINGLE_PLANS])
         put("u", u.astype(np.float32))
         if logged is not None:
             a = logged[start:start + CHUNK]
