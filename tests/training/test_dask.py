@@ -7,7 +7,9 @@
   2 %, normalized value against simulator truth within 0.05 — at this test size two *local*
   fits with different seeds differ by up to ~0.05, at 20k episodes the engines differ by < 0.01),
   and ``pipeline.run(engine="dask")`` evaluates, logs and registers like the local path;
-* errors are one paragraph and leave nothing behind.
+* errors are one paragraph and leave nothing behind: a bad partition, an output that would be
+  clobbered, ``--scheduler`` without ``--engine dask``, a malformed or unreachable scheduler
+  address, a scheduler without workers, workers running other painplan code.
 
 One module-scoped ``LocalCluster`` (2 worker processes, 1 thread each, no dashboard), as in
 LightGBM's own Dask tests; always closed. Not on Windows (lightgbm.dask is not tested there).
@@ -56,6 +58,7 @@ def scheduler():
         dashboard_address=None,
         silence_logs=logging.CRITICAL,
     ) as cluster:
+        assert len(cluster.workers) == 2
         yield cluster.scheduler_address
 
 
@@ -225,8 +228,10 @@ def test_cli_errors_are_one_paragraph(
         *args,
     ]
     assert main(argv) == code
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("painplan recommend: error: ") and message in err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("painplan recommend: error: ") and message in last
     assert not (tmp_path / "out").exists()
 
 
@@ -246,6 +251,82 @@ def test_scheduler_without_dask_engine_is_refused(local_bundle, patients_dir, tm
     ]
     assert main(argv) == 4
     assert "only applies to the Dask engine" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--scheduler", "tcp://127.0.0.1:8786"], "only applies to the Dask engine"),
+        (["--engine", "dask", "--scheduler", "not-an-address"], "is not a Dask scheduler address"),
+        (
+            ["--engine", "dask", "--scheduler", "tcp://127.0.0.1:9"],
+            "cannot reach the Dask scheduler",
+        ),
+    ],
+)
+def test_train_refuses_bad_engine_options_before_any_work(
+    args, message, cohort, tmp_path, monkeypatch, capsys, helpers
+):
+    from training.cli import main
+
+    home = tmp_path / "home"
+    helpers.use_store(monkeypatch, home)
+    assert main(["train", "--data", cohort["config"].data, *args]) == 4
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("painplan train: error: ") and message in last
+    assert "validating" not in err  # refused before reading the data
+    assert not (home / "mlflow.db").exists()  # and before any MLflow run
+
+
+def test_a_scheduler_without_workers_fails_in_one_paragraph(
+    local_bundle, patients_dir, tmp_path, monkeypatch
+):
+    from distributed import LocalCluster
+
+    import training.dask_cluster as dask_cluster
+    from training.dask_recommend import recommend_dataset
+
+    monkeypatch.setattr(dask_cluster, "WORKER_WAIT_S", 1)
+    with LocalCluster(n_workers=0, dashboard_address=None, silence_logs=logging.CRITICAL) as empty:
+        with pytest.raises(ConfigError, match="has had no workers") as caught:
+            recommend_dataset(
+                patients_dir,
+                tmp_path / "out",
+                model=local_bundle["dir"],
+                scheduler=empty.scheduler_address,
+            )
+    assert "dask worker" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _set_ruleset(version: str) -> str:
+    import recommender.safety as safety
+
+    before, safety.RULESET_VERSION = safety.RULESET_VERSION, version
+    return before
+
+
+def test_workers_with_other_painplan_code_are_refused(
+    scheduler, local_bundle, patients_dir, tmp_path
+):
+    from distributed import Client
+
+    from training.dask_recommend import recommend_dataset
+
+    with Client(scheduler, set_as_default=False) as client:
+        worker = sorted(client.scheduler_info()["workers"])[0]
+        before = client.run(_set_ruleset, "other-ruleset", workers=[worker])[worker]
+        try:
+            with pytest.raises(ConfigError, match="run other painplan code") as caught:
+                recommend_dataset(
+                    patients_dir, tmp_path / "out", model=local_bundle["dir"], scheduler=scheduler
+                )
+        finally:
+            client.run(_set_ruleset, before, workers=[worker])
+    assert "1 of 2 Dask worker(s)" in str(caught.value)
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- training
