@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -35,25 +35,27 @@ from features.validate import validate
 from recommender.access import Role
 from recommender.api_schema import (
     InvalidRequest,
+    RecommendInput,
     episode_violations,
     parse_explain,
     parse_json,
     parse_outcome_shape,
-    parse_recommend,
+    parse_recommend_many,
     violation,
 )
 from recommender.artifact import ModelBundle
 from recommender.audit import (
     MAX_QUERY_LIMIT,
     AuditStore,
+    AuditUnavailable,
     RequestRecord,
     input_hash,
     iso,
     pseudonym,
     utc_now,
 )
-from recommender.explain import explain_contrast, explain_plans
-from recommender.recommend import recommend
+from recommender.explain import explain_contrast, explain_each
+from recommender.recommend import Ranked, recommend_each
 from recommender.safety import RULESET_VERSION, assess
 from recommender.settings import ServiceConfig
 
@@ -122,17 +124,125 @@ class PainPlanAPI:
         The body holds either ``{"patient": {...}}`` or ``{"fhir_bundle": {...}}`` (FHIR R4,
         mapped by :func:`features.fhir.bundle_to_profile`; the answer then also lists what
         was missing from the record and how that limits the recommendation)."""
-        started, created = time.perf_counter(), utc_now()
-        fhir_report = None
-        if b'"fhir_bundle"' in body:
-            body, fhir_report = _profile_from_fhir(body)
-        parsed = parse_recommend(body)
+        (result,) = self.recommend_many([body])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def recommend_many(self, bodies: Sequence[bytes]) -> list[dict | Exception]:
+        """``POST /recommend`` for several bodies at once (the service's micro-batches).
+
+        Each body is answered exactly as :meth:`recommend` would answer it alone, and only
+        it can fail itself: the result for a body is its answer, or the exception its own
+        request raises (:class:`InvalidRequest` → 4xx, anything unexpected → 500). The
+        audit records of all answers are committed in one transaction before any answer is
+        returned; if that commit fails, nothing is recorded and every body that had an
+        answer gets the :class:`AuditUnavailable` (503) instead.
+        """
+        started = time.perf_counter()
+        n = len(bodies)
+        created = [utc_now() for _ in range(n)]
+        results: list[dict | Exception | None] = [None] * n
+        fhir: list[dict | None] = [None] * n
+        plain: list[bytes] = []
+        slots: list[int] = []  # results index of each plain body
+        for i, body in enumerate(bodies):
+            if b'"fhir_bundle"' in body:
+                try:
+                    body, fhir[i] = _profile_from_fhir(body)
+                except Exception as err:  # noqa: BLE001 - this request's own error
+                    results[i] = err
+                    continue
+            plain.append(body)
+            slots.append(i)
+        frame, items = parse_recommend_many(plain)
+        todo: list[tuple[int, RecommendInput]] = []
+        for i, item in zip(slots, items, strict=True):
+            if isinstance(item, InvalidRequest):
+                results[i] = item
+            else:
+                todo.append((i, item))
+        scored = self._score(frame, [item for _, item in todo])
+        records = []
+        for (i, item), outcome in zip(todo, scored, strict=True):
+            if isinstance(outcome, Exception):
+                results[i] = outcome
+                continue
+            answer, record = self._answer(item, outcome, created[i], fhir[i])
+            results[i] = answer
+            records.append((i, record))
+        try:
+            self.store.record_requests([record for _, record in records])
+        except AuditUnavailable as err:
+            for i, _ in records:
+                results[i] = err
+            return results  # type: ignore[return-value]
+        spent = 1000 * (time.perf_counter() - started)
+        for i, _ in records:
+            answer = results[i]
+            log.info(
+                "recommend %s answered in %.1f ms (%d plans, %d exclusions; batch of %d)",
+                answer["request_id"],
+                spent,
+                len(answer["plans"]),
+                len(answer["excluded"]),
+                n,
+            )
+        return results  # type: ignore[return-value]
+
+    def _score(self, frame: pd.DataFrame, items: list[RecommendInput]) -> list:
+        """(ranked, plans, explanations) per item, or the exception scoring it raised.
+
+        The batch is scored together (:func:`recommend_each`, :func:`explain_each`: each
+        patient as if alone); should that fail, each item is scored on its own, so that an
+        input that breaks scoring fails only its own request."""
+        if not items:
+            return []
+        rows = [item.row for item in items]
+        if rows != list(range(len(frame))):
+            frame = frame.take(rows).reset_index(drop=True)
+        singles = [item.patient for item in items]
+        try:
+            return self._score_frame(frame, [item.top_k for item in items], singles)
+        except Exception:  # noqa: BLE001 - isolate the culprit below
+            if len(items) == 1:
+                raise
+            log.exception("scoring a batch of %d failed; scoring each alone", len(items))
+        out: list = []
+        for item in items:
+            try:
+                one = item.patient.reset_index(drop=True)
+                out.extend(self._score_frame(one, [item.top_k], [one]))
+            except Exception as err:  # noqa: BLE001 - this request's own failure
+                out.append(err)
+        return out
+
+    def _score_frame(self, frame: pd.DataFrame, top_k: list[int], singles: list) -> list[tuple]:
         with self._threads.limit(limits=1, user_api="openmp"):
-            ranked = recommend(self.model, parsed.patient, parsed.top_k)
-            order = [int(i) for i in ranked.order[0] if i >= 0]
-            plans = [PLANS[i] for i in order]
-            explanations = explain_plans(self.model, parsed.patient, plans) if plans else []
-        est, safety = ranked.estimates, ranked.safety
+            ranked = recommend_each(self.model, frame, top_k, singles=singles)
+            plans = [[PLANS[i] for i in r.order[0] if i >= 0] for r in ranked]
+            # the encoding and evidence prior scoring computed, reused by the explanations
+            shared = self._batch_coefficients(ranked)
+            explanations = explain_each(
+                self.model, frame, plans, coefficients=shared, singles=singles
+            )
+        return list(zip(ranked, plans, explanations, strict=True))
+
+    @staticmethod
+    def _batch_coefficients(ranked: list[Ranked]) -> dict:
+        """The batch's encoded rows ``X`` and evidence prior, put back together from each
+        patient's slices (when the model provides them)."""
+        return {
+            key: np.concatenate([r.coefficients[key] for r in ranked])
+            for key in ("X", "prior")
+            if all(isinstance(r.coefficients.get(key), np.ndarray) for r in ranked)
+        }
+
+    def _answer(self, parsed: RecommendInput, scored: tuple, created, fhir_report) -> tuple:
+        """The answer to one scored request, and its audit record."""
+        ranked, plans, explanations = scored
+        order = [int(i) for i in ranked.order[0] if i >= 0]
+        est, safety, row = ranked.estimates, ranked.safety, ranked.row
         answer_plans = []
         for rank, (i, plan, ex) in enumerate(zip(order, plans, explanations, strict=True), 1):
             answer_plans.append(
@@ -150,7 +260,7 @@ class PainPlanAPI:
                     "p_adverse_event": _round(est.p_adverse_event[0, i]),
                     "warnings": [
                         {k: w[k] for k in ("rule_id", "action", "reason", "source", "components")}
-                        for w in safety.plan_warnings(0, i)
+                        for w in safety.plan_warnings(row, i)
                     ],
                     "explanation": _explanation(ex),
                 }
@@ -160,7 +270,7 @@ class PainPlanAPI:
                 **{k: v for k, v in e.items() if k != "rules"},
                 "rules": [_rule(r) for r in e["rules"]],
             }
-            for e in safety.exclusions(0)
+            for e in safety.exclusions(row)
         ]
         request_id = str(uuid.uuid4())
         answer = {
@@ -176,7 +286,7 @@ class PainPlanAPI:
         ranked_summary = [
             {k: p[k] for k in p if k not in ("explanation", "components")} for p in answer_plans
         ]
-        self._record(
+        record = self._request_record(
             request_id,
             created,
             "recommend",
@@ -187,14 +297,7 @@ class PainPlanAPI:
             explanations=[{"plan": p["plan"], **p["explanation"]} for p in answer_plans],
             shown_plans=plans,
         )
-        log.info(
-            "recommend %s answered in %.1f ms (%d plans, %d exclusions)",
-            request_id,
-            1000 * (time.perf_counter() - started),
-            len(plans),
-            len(excluded),
-        )
-        return answer
+        return answer, record
 
     def recommend_profile(self, profile: dict, top_k: int = 5) -> dict:
         """``POST /recommend`` for a profile dict (e.g. one built from FHIR for CDS Hooks):
@@ -260,7 +363,11 @@ class PainPlanAPI:
         )
         return answer
 
-    def _record(
+    def _record(self, *args, **kwargs) -> None:
+        """Build and commit one audit record (raises AuditUnavailable)."""
+        self.store.record_request(self._request_record(*args, **kwargs))
+
+    def _request_record(
         self,
         request_id,
         created,
@@ -272,29 +379,27 @@ class PainPlanAPI:
         exclusions,
         explanations,
         shown_plans,
-    ) -> None:
+    ) -> RequestRecord:
         key = pseudonym(parsed.patient_id, self.config.hmac_key)
         info = self.served.info
-        self.store.record_request(
-            RequestRecord(
-                request_id=request_id,
-                created_at=created,
-                endpoint=endpoint,
-                patient_key=key,
-                input_sha256=input_hash(key, parsed.profile, parameters),
-                profile=parsed.profile,
-                parameters=parameters,
-                model_name=info["name"],
-                model_version=info["version"],
-                model_tag=info["tag"],
-                mlflow_run_id=info.get("mlflow_run_id"),
-                ruleset_version=RULESET_VERSION,
-                ranked=ranked,
-                exclusions=exclusions,
-                explanations=explanations,
-                shown_plans=shown_plans,
-                input_warnings=parsed.input_warnings,
-            )
+        return RequestRecord(
+            request_id=request_id,
+            created_at=created,
+            endpoint=endpoint,
+            patient_key=key,
+            input_sha256=input_hash(key, parsed.profile, parameters),
+            profile=parsed.profile,
+            parameters=parameters,
+            model_name=info["name"],
+            model_version=info["version"],
+            model_tag=info["tag"],
+            mlflow_run_id=info.get("mlflow_run_id"),
+            ruleset_version=RULESET_VERSION,
+            ranked=ranked,
+            exclusions=exclusions,
+            explanations=explanations,
+            shown_plans=shown_plans,
+            input_warnings=parsed.input_warnings,
         )
 
     def report_outcome(self, body: bytes) -> dict:

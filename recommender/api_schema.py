@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -44,8 +45,8 @@ from pydantic.json_schema import models_json_schema
 
 from features.catalog import COMPONENT_CODES, parse_plan
 from features.errors import ContractError, PainplanError, PlanError
-from features.schema import COLUMNS_BY_NAME, Column, columns_for
-from features.validate import validate
+from features.schema import COLUMNS_BY_NAME, PATIENT_ID, Column, columns_for
+from features.validate import validate_records
 from recommender.recommend import MAX_TOP_K
 
 DEFAULT_TOP_K = 5
@@ -410,12 +411,11 @@ def _check_patient(raw: Any, problems: list[dict]) -> tuple[pd.DataFrame | None,
     """Validate a profile object with the contract validator; collect its violations."""
     if not isinstance(raw, dict):
         return None, []
-    try:
-        checked = validate(pd.DataFrame([raw]), "request")
-    except ContractError as err:
-        problems.extend(_contract_violations(err, "patient"))
+    checked = validate_records([raw], "request")  # = validate(pd.DataFrame([raw]), "request")
+    if checked.errors[0] is not None:
+        problems.extend(_contract_violations(checked.errors[0], "patient"))
         return None, []
-    return checked.frame, list(checked.warnings)
+    return checked.frame, list(checked.warnings[0])
 
 
 def _check_plan(data: dict, name: str, problems: list[dict]) -> str | None:
@@ -460,6 +460,7 @@ class PatientRequest:
 @dataclass
 class RecommendInput(PatientRequest):
     top_k: int = DEFAULT_TOP_K
+    row: int = 0  # the patient's row in its batch's frame (parse_recommend_many)
 
 
 @dataclass
@@ -483,14 +484,67 @@ def _plain(value: Any) -> Any:
 
 
 def parse_recommend(body: bytes) -> RecommendInput:
-    data = parse_json(body)
-    problems = _shape(RecommendRequest, data)
-    frame, warnings = _check_patient(data.get("patient"), problems)
-    if problems or frame is None:
-        raise InvalidRequest(_unique(problems))
-    return RecommendInput(
-        **_patient_request(frame), input_warnings=warnings, top_k=data.get("top_k", DEFAULT_TOP_K)
-    )
+    """One ``POST /recommend`` body; raises :class:`InvalidRequest` naming every problem."""
+    _frame, (item,) = parse_recommend_many([body])
+    if isinstance(item, InvalidRequest):
+        raise item
+    return item
+
+
+def parse_recommend_many(
+    bodies: Sequence[bytes],
+) -> tuple[pd.DataFrame, list[RecommendInput | InvalidRequest]]:
+    """Several ``POST /recommend`` bodies, each judged on its own exactly as
+    :func:`parse_recommend` would (same answer, same 400 body), validated together.
+
+    Returns the typed frame of the accepted patients and, per body, either its
+    :class:`RecommendInput` (``row`` = its row in the frame, ``patient`` that one-row slice)
+    or its :class:`InvalidRequest`.
+    """
+    pending: list[InvalidRequest | tuple[dict, list[dict], int | None]] = []
+    records: list[dict] = []
+    for body in bodies:
+        try:
+            data = parse_json(body)
+        except InvalidRequest as err:
+            pending.append(err)
+            continue
+        problems = _shape(RecommendRequest, data)
+        raw = data.get("patient")
+        slot = None
+        if isinstance(raw, dict):
+            slot = len(records)
+            records.append(raw)
+        pending.append((data, problems, slot))
+    checked = validate_records(records, "request")
+    frame = checked.frame
+    items: list[RecommendInput | InvalidRequest] = []
+    for entry in pending:
+        if isinstance(entry, InvalidRequest):
+            items.append(entry)
+            continue
+        data, problems, slot = entry
+        row = None
+        if slot is not None:
+            if checked.errors[slot] is not None:
+                problems.extend(_contract_violations(checked.errors[slot], "patient"))
+            else:
+                row = checked.rows[slot]
+        if problems or row is None:
+            items.append(InvalidRequest(_unique(problems)))
+            continue
+        values = checked.values[slot]
+        items.append(
+            RecommendInput(
+                patient=frame if len(frame) == 1 else frame.iloc[row : row + 1],
+                profile={c: v for c, v in values.items() if c != PATIENT_ID},
+                patient_id=values[PATIENT_ID],
+                input_warnings=list(checked.warnings[slot]),
+                top_k=data.get("top_k", DEFAULT_TOP_K),
+                row=row,
+            )
+        )
+    return frame, items
 
 
 def parse_explain(body: bytes) -> ExplainInput:

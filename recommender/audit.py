@@ -33,7 +33,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -294,9 +294,19 @@ class AuditStore:
 
     def record_request(self, record: RequestRecord) -> None:
         """Insert and commit one answered request, or raise :class:`AuditUnavailable`."""
+        self.record_requests([record])
+
+    def record_requests(self, records: Sequence[RequestRecord]) -> None:
+        """Insert and commit several answered requests in one transaction (all or none),
+        or raise :class:`AuditUnavailable`, in which case none of them is recorded."""
+        if not records:
+            return
         try:
             with self._connect() as conn:
-                conn.execute(sa.insert(REQUESTS).values(**record.__dict__))
+                if len(records) == 1:
+                    conn.execute(sa.insert(REQUESTS).values(**records[0].__dict__))
+                else:
+                    conn.execute(sa.insert(REQUESTS), [r.__dict__ for r in records])
         except SQLAlchemyError as err:
             raise self._unavailable("write to", err) from err
 

@@ -8,6 +8,7 @@ appear: eligibility comes from :mod:`recommender.safety` and ranking from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +28,18 @@ MAX_TOP_K = 50
 @dataclass
 class Ranked:
     """Ranked plans for a batch: ``order[i, r]`` is the catalog index of patient i's rank r+1
-    plan (-1 when fewer plans are allowed), with the estimates and safety assessment behind it."""
+    plan (-1 when fewer plans are allowed), with the estimates and safety assessment behind it.
+
+    From :func:`recommend_each`, one patient's share of a batch: ``order`` and ``estimates``
+    have one row, ``safety`` is the batch's assessment and ``row`` this patient's row in it
+    (``safety.exclusions(ranked.row)``); otherwise ``row`` is 0."""
 
     order: np.ndarray
     estimates: PlanEstimates
     safety: SafetyAssessment
     coefficients: dict
+    row: int = 0
+    patient: pd.DataFrame | None = None  # recommend_each: this patient's one-row frame
 
 
 def recommend(model: PlanOutcomeModel, patients: pd.DataFrame, top_k: int = 5) -> Ranked:
@@ -44,6 +51,49 @@ def recommend(model: PlanOutcomeModel, patients: pd.DataFrame, top_k: int = 5) -
     safety = assess(patients)
     order = rank_plans(est.utility, safety.allowed_plans(), top_k)
     return Ranked(order, est, safety, coef)
+
+
+def recommend_each(
+    model: PlanOutcomeModel,
+    patients: pd.DataFrame,
+    top_k: Sequence[int] | int = 5,
+    *,
+    singles: Sequence[pd.DataFrame] | None = None,
+) -> list[Ranked]:
+    """:func:`recommend` for each patient of a validated frame *as if alone*, for the HTTP
+    service's micro-batches: ``result[i]`` equals ``recommend(model, patients.iloc[[i]],
+    top_k[i])`` bit for bit.
+
+    The per-call work that does not depend on how many patients there are (column access,
+    encoding, one tree pass per booster, the safety table) is done once for the batch; those
+    steps are row by row, so each row is what it would be alone. The plan products and the
+    ranking, where a matrix product over several rows could round differently than over one,
+    run per patient on that patient's one-row slices (``singles[i]``, when the caller has
+    them already, must equal ``patients.iloc[[i]]``).
+    """
+    n = len(patients)
+    ks = [top_k] * n if isinstance(top_k, int) else [int(k) for k in top_k]
+    if len(ks) != n:
+        raise ValueError(f"{len(ks)} top_k values for {n} patients")
+    for k in ks:
+        if not 1 <= k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be between 1 and {MAX_TOP_K}, got {k}")
+    if n == 0:
+        return []
+    coef = model.patient_coefficients(patients)
+    safety = assess(patients)
+    allowed = safety.allowed_plans()
+    out = []
+    for i, k in enumerate(ks):
+        one = patients.iloc[i : i + 1] if singles is None else singles[i]
+        coef_i = {
+            name: value[i : i + 1] if isinstance(value, np.ndarray) else value
+            for name, value in coef.items()
+        }
+        est = model.predict_plans(one, coefficients=coef_i)
+        order = rank_plans(est.utility, allowed[i : i + 1], k)
+        out.append(Ranked(order, est, safety, coef_i, row=i, patient=one))
+    return out
 
 
 def ranked_rows(ranked: Ranked, patient_ids) -> pd.DataFrame:

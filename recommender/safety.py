@@ -661,17 +661,20 @@ class _Columns:
                 return np.zeros(self.n, bool), np.full(self.n, col.default is None)
             return np.full(self.n, np.nan), np.ones(self.n, bool)
         s = self.frame[name]
+        # Typed columns (what validation returns) are read straight from their arrays: the
+        # HTTP service assesses one patient per call, where pandas' per-column Series
+        # round trips cost more than the rules themselves.
         if col.dtype == "category":
-            cat = (
-                s
-                if isinstance(s.dtype, pd.CategoricalDtype)
-                else s.astype(pd.CategoricalDtype(list(col.levels)))
-            )
-            if isinstance(s.dtype, pd.CategoricalDtype) or cat.isna().equals(s.isna()):
+            if isinstance(s.dtype, pd.CategoricalDtype):
+                return s.array.codes, tuple(s.dtype.categories)
+            cat = s.astype(pd.CategoricalDtype(list(col.levels)))
+            if cat.isna().equals(s.isna()):
                 return cat.cat.codes.to_numpy(), tuple(cat.cat.categories)
+        elif col.dtype == "bool" and s.dtype == np.bool_:
+            return s.to_numpy(), np.zeros(self.n, bool)
         elif col.dtype == "bool" and pd.api.types.is_bool_dtype(s.dtype):
-            missing = s.isna().to_numpy()
-            return s.to_numpy(dtype=bool, na_value=False), missing
+            array = s.array
+            return array.to_numpy(dtype=bool, na_value=False), np.asarray(array.isna())
         elif (
             col.dtype in ("int", "float")
             and pd.api.types.is_numeric_dtype(s.dtype)
@@ -770,6 +773,14 @@ class SafetyAssessment:
     warn: np.ndarray
     gate_words: np.ndarray
     _allowed: np.ndarray | None = field(default=None, repr=False)
+    _compiled: _Compiled | None = field(default=None, repr=False)
+
+    def _comp(self) -> _Compiled:
+        """``_compile(self.table)``, looked up once: the lookup hashes the whole table,
+        which cost more than the rest of a one-plan :meth:`plan_warnings` call."""
+        if self._compiled is None:
+            self._compiled = _compile(self.table)
+        return self._compiled
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -805,7 +816,7 @@ class SafetyAssessment:
         ``{"component": code, "rules": [{id, action, reason, source, floor}, ...]}``; then
         one per BLOCK pair/count rule that applies: ``{"combination": ..., "rules": [...]}``.
         """
-        comp = _compile(self.table)
+        comp = self._comp()
         hits = self.rule_hits[:, i] & (comp.action == "BLOCK")
         out: list[dict] = []
         for j in np.flatnonzero(self.blocked[i]):
@@ -839,7 +850,7 @@ class SafetyAssessment:
         BLOCKs are not repeated here; see :meth:`exclusions`."""
         p = _plan_index(plan)
         in_plan = plan_matrix()[p].astype(bool)
-        comp = _compile(self.table)
+        comp = self._comp()
         items = []
         for k in np.flatnonzero(self.rule_hits[:, i] & (comp.action != "BLOCK")):
             touched = comp.component_mask[k] & in_plan
@@ -858,7 +869,7 @@ class SafetyAssessment:
         return sorted(items, key=lambda d: ACTIONS.index(d["action"]))  # stable sort
 
     def _applies(self, action: str, idx: np.ndarray, *, applies: bool = True) -> np.ndarray:
-        words = _compile(self.table).plan_words[idx]
+        words = self._comp().plan_words[idx]
         return _gate(self.gate_words[ACTIONS.index(action)], words, applies=applies)
 
 
@@ -965,6 +976,7 @@ def assess(patients: pd.DataFrame, table: RuleTable = RULES) -> SafetyAssessment
         review=by_action["REVIEW"],
         warn=by_action["WARN"],
         gate_words=words,
+        _compiled=comp,
     )
 
 

@@ -17,7 +17,10 @@ variable                   meaning (default)
 ``PAINPLAN_API_KEYS``      ``role:key`` pairs (see :mod:`recommender.access`)
 ``PAINPLAN_API_KEYS_FILE`` file with more pairs
 ``PAINPLAN_MAX_BODY_BYTES`` request-size limit (65536; a full profile is about 1.5 kB)
-``PAINPLAN_THREADS``       requests scored at once per worker (2)
+``PAINPLAN_THREADS``       worker threads per worker process for the routes' work (2); one of
+                           them runs ``/recommend``'s micro-batches, one batch at a time
+``PAINPLAN_MAX_BATCH``     most ``/recommend`` requests answered as one micro-batch (32; 1
+                           turns batching off); see docs/serving.md
 =========================  ====================================================================
 """
 
@@ -42,6 +45,8 @@ HMAC_KEY_ENV = "PAINPLAN_HMAC_KEY"
 DEMO_ENV = "PAINPLAN_DEMO"
 MAX_BODY_ENV = "PAINPLAN_MAX_BODY_BYTES"
 THREADS_ENV = "PAINPLAN_THREADS"
+MAX_BATCH_ENV = "PAINPLAN_MAX_BATCH"
+DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 MIN_HMAC_KEY_LENGTH = 32  # characters; a pseudonym is only as strong as its key
 
@@ -85,6 +90,7 @@ class ServiceConfig:
     api_keys: ApiKeys
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     threads: int = 2
+    max_batch: int = DEFAULT_MAX_BATCH
     demo: bool = False
 
     @classmethod
@@ -121,5 +127,6 @@ class ServiceConfig:
             api_keys=ApiKeys.from_env(environ),
             max_body_bytes=_positive_int(environ, MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES),
             threads=_positive_int(environ, THREADS_ENV, 2),
+            max_batch=_positive_int(environ, MAX_BATCH_ENV, DEFAULT_MAX_BATCH),
             demo=demo,
         )
