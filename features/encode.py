@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from features.catalog import COMPONENT_CODES, DRUG, PLANS, plan_matrix
-from features.priors import combination_factor, labels_of
+from features.priors import combination_factor
 from features.schema import COLUMNS_BY_NAME, FEATURE_COLUMNS
 
 # Drug classes that depress the CNS, for the class-interaction terms of the adverse-event
@@ -129,36 +129,6 @@ def burden_basis(component_effects: np.ndarray) -> np.ndarray:
     k = m.sum(1)
     weights = m * combination_factor(k)[:, None]  # (839, 12)
     return (k - 1)[None, :] * (np.asarray(component_effects, float) @ weights.T)
-
-
-# Levels of a patient's recorded history with a component whose effect on that component's
-# benefit is learned from the data (clinical-evidence §4: "prior non-response to a drug class"
-# P/A, "prior response to a class" A — directions, magnitudes assumed); "none" is the reference.
-HISTORY_LEVELS = ("responded", "partial", "no_response", "intolerant")
-
-
-def history_terms(patients: pd.DataFrame, component_effects: np.ndarray) -> np.ndarray:
-    """(n, J, 12) each component's prior effect where the patient's history with it is level j.
-
-    The plan basis column j is then ``history_terms[:, j] @ weights.T`` (weights = the
-    combination-scaled component matrix), and its coefficient γ_j is a *pooled* multiplier:
-    "a component this patient already responded to works γ_responded × its prior effect better
-    than the evidence says", estimated once from every component's episodes instead of twelve
-    times from each component's few. Individual heterogeneity is large (§3.3: SD 1.5–2 × the
-    mean effect), so a patient's own history is the strongest modifier there is, and the sheet
-    gives only its direction.
-    """
-    effects = np.asarray(component_effects, float)
-    n = len(effects)
-    out = np.zeros((n, len(HISTORY_LEVELS), len(COMPONENT_CODES)))
-    for c, code in enumerate(COMPONENT_CODES):
-        column = f"prior_{code}"
-        if column not in patients.columns:
-            continue
-        labels = labels_of(patients[column])
-        for j, level in enumerate(HISTORY_LEVELS):
-            out[:, j, c] = np.where(labels == level, effects[:, c], 0.0)
-    return out
 
 
 def ae_basis() -> tuple[np.ndarray, tuple[str, ...]]:

@@ -65,6 +65,16 @@ def _grad_hess(loss: Loss, design: _Design, theta: np.ndarray) -> tuple[np.ndarr
     return w * design.B * (p - design.y)[:, None], w * major * (p * (1 - p))[:, None] + _EPS
 
 
+def _row_loss(loss: Loss, design: _Design, theta: np.ndarray) -> np.ndarray:
+    if loss == "multi_l2":
+        return ((theta - design.y) ** 2).mean(1)
+    eta = _link(design, theta)
+    if loss == "l2":
+        return (eta - design.y) ** 2
+    p = np.clip(_sigmoid(eta), 1e-9, 1 - 1e-9)
+    return -(design.y * np.log(p) + (1 - design.y) * np.log(1 - p))
+
+
 def _loss_value(loss: Loss, design: _Design, theta: np.ndarray) -> float:
     w = design.weight
     if loss == "multi_l2":
@@ -151,6 +161,13 @@ class VaryingCoefficientBooster:
     max_rounds: int = 400
     early_stopping_rounds: int = 30
     min_rows: int = 1000  # fewer rows: only the (ridge) average correction; trees would fit noise
+    # Trees are kept only if they beat the linear part on held-out rows by more than this many
+    # standard errors of the paired per-row loss difference (a one-standard-error rule): with
+    # noisy outcomes, early stopping alone keeps a few rounds whose held-out gain is chance,
+    # and on the 30k simulated cohort those rounds lowered ranking quality (0.897 -> 0.876
+    # normalized value, seed 7), while a real planted modifier (tests/recommender/
+    # test_model.py) clears the bar.
+    tree_gain_se: float = 1.0
     prior_rows: float = 50.0
     n_jobs: int = 2
     random_state: int = 0
@@ -270,7 +287,29 @@ class VaryingCoefficientBooster:
             callbacks=callbacks,
         )
         self.best_iteration_ = self.booster_.best_iteration or self.booster_.current_iteration()
+        if vdesign is not None and self.loss != "multi_l2" and self.best_iteration_ > 0:
+            self._keep_trees_if_they_help(validation, vdesign, K)
         return self
+
+    def _keep_trees_if_they_help(self, validation: dict, vdesign: _Design, K: int) -> None:
+        """Drop the trees (θ = prior + linear part) unless their held-out gain is more than
+        ``tree_gain_se`` standard errors of the paired per-row loss difference."""
+        Xv = validation["X"]
+        nv = Xv.shape[0]
+        start = validation.get("theta0", np.zeros((nv, K))) + self.linear_part(
+            validation.get("Z", np.ones((nv, K, 1)))).sum(2)
+        trees = np.asarray(self.booster_.predict(Xv, raw_score=True,
+                                                 num_iteration=self.best_iteration_))
+        gain = _row_loss(self.loss, vdesign, start) - _row_loss(
+            self.loss, vdesign, start + trees.reshape(nv, K))
+        w = vdesign.weight
+        mean = np.average(gain, weights=w)
+        se = np.sqrt(np.average((gain - mean) ** 2, weights=w) / max(nv - 1, 1))
+        self.tree_gain_ = {"mean": float(mean), "se": float(se), "rounds": self.best_iteration_}
+        if mean <= self.tree_gain_se * se:
+            log.info("trees dropped: held-out gain %.3g is within %.1f standard errors (%.3g)",
+                     mean, self.tree_gain_se, se)
+            self.best_iteration_ = 0
 
     def linear_part(self, Z: np.ndarray) -> np.ndarray:
         """(n, K, q) terms Γ_jf · Z[i, j, f] of the coefficients' linear part."""

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from features.catalog import COMPONENT_BY_CODE, COMPONENT_CODES, PLAN_INDEX, PLANS
-from features.encode import history_terms
+from features.modifiers import SOURCES, modifier_terms
 from features.priors import prior_effects
 from features.schema import COLUMNS_BY_NAME
 
@@ -87,19 +87,22 @@ def _parts(model, patient: pd.DataFrame, plan_idx: np.ndarray, shared: dict | No
     eff[:, cond] += B @ prior_dev
     per_comp[:, :, cond] += B * prior_dev[None, :]
     k = model.effect_basis_.shape[1]
-    if model.n_history_:
-        # History columns are component terms: fold them into their components for phrasing,
-        # and give their learned average (which is specific to this patient's history, not
-        # the average patient's) to the prior_<component> feature that switched it on.
-        history = history_terms(patient, raw_prior)[0]  # (J, 12)
+    if model.n_modifiers_:
+        # Pooled-modifier columns are component terms: fold their trees' contributions into
+        # their components for phrasing, and give their learned average (specific to this
+        # patient's history, mood or phenotype, not the average patient's) to the patient
+        # columns that switched each term on (features.modifiers.SOURCES).
+        terms, sources = modifier_terms(patient, raw_prior, sources=True)
+        terms, sources = terms[0], sources[0]  # (J, 12), (J, 12, S)
         weights = model.effect_basis_[plan_idx, :_N]  # (P, 12)
-        per_comp[:, :_N] += weights[:, :, None] * np.einsum("jc,jf->cf", history, phi_tau[k + 1:, :d])
-        by_component = weights * ((shift + phi_tau[:, d])[k + 1:] @ history)[None, :]  # (P, 12)
-        base_eff = base_eff - by_component.sum(1)
-        for c, code in enumerate(COMPONENT_CODES):
-            f = names.index(f"prior_{code}")
-            eff[:, f] += by_component[:, c]
-            per_comp[:, c, f] += by_component[:, c]
+        per_comp[:, :_N] += weights[:, :, None] * np.einsum("jc,jf->cf", terms, phi_tau[k + 1:, :d])
+        level = (shift + phi_tau[:, d])[k + 1:]  # (J,)
+        by_source = np.einsum("pc,j,jc,jcs->pcs", weights, level, terms, sources)  # (P, 12, S)
+        base_eff = base_eff - by_source.sum((1, 2))
+        for i, column in enumerate(SOURCES):
+            f = names.index(column)
+            eff[:, f] += by_source[:, :, i].sum(1)
+            per_comp[:, :_N, f] += by_source[:, :, i]
         per_comp = per_comp[:, : k + 1]
 
     A = model.ae_basis_[plan_idx]

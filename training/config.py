@@ -27,6 +27,7 @@ class ModelParams:
     min_data_in_leaf: int = 40
     lambda_l2: float = 10.0
     max_rounds: int = 400
+    tree_gain_se: float = 1.0
     n_jobs: int = 2
 
 
