@@ -35,6 +35,11 @@ does not give: the key is checked before the body is read (401/403 first), the b
 capped (413) before parsing, invalid input gets the contract's named-field 400 body, and an
 answer whose audit record cannot be committed becomes a 503. The behaviour itself lives in
 :class:`recommender.api.PainPlanAPI`; see ``GET /openapi.json`` for the schemas.
+
+``POST /recommend`` requests that arrive while a batch is being scored are answered
+together as the next micro-batch (:mod:`recommender.batching`,
+``PainPlanAPI.recommend_many``; docs/serving.md): each answer is exactly what the request
+would get alone, and no request waits when the service is idle.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,11 +93,16 @@ AUDIT_FAILURES = bentoml.metrics.Counter(
     documentation="Answers withheld (503) because the audit store could not record them",
     labelnames=["endpoint"],
 )
-BATCH_SIZE = bentoml.metrics.Histogram(
-    name="painplan_recommend_batch_size",
-    documentation="POST /recommend requests answered together in one micro-batch",
-    buckets=(1, 2, 4, 8, 16, 32, 64, float("inf")),
-)
+with warnings.catch_warnings():
+    # bentoml.metrics warns (DeprecationWarning) on the first use of a metric type it has not
+    # handed out before; under `python -m recommender.service` that would reach stderr,
+    # whose one line operators read. It stays the way to create metrics in a worker.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    BATCH_SIZE = bentoml.metrics.Histogram(
+        name="painplan_recommend_batch_size",
+        documentation="POST /recommend requests answered together in one micro-batch",
+        buckets=(1, 2, 4, 8, 16, 32, 64, float("inf")),
+    )
 
 
 # --------------------------------------------------------------------------- model store

@@ -137,6 +137,7 @@ def test_answers_roles_errors_and_audit_over_http(server, helpers):
     metrics = httpx.get(f"{url}/metrics").text
     assert 'painplan_rejected_requests_total{endpoint="recommend",status="400"}' in metrics
     assert 'painplan_rejected_requests_total{endpoint="recommend",status="413"}' in metrics
+    assert "painplan_recommend_batch_size_count" in metrics  # the micro-batches served
 
 
 def test_concurrent_requests_are_each_answered_and_recorded(server, helpers):
