@@ -32,11 +32,12 @@ not decompose by component; the trees may pick it up.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
-import pandas as pd
 
 from features.catalog import COMPONENT_BY_CODE, COMPONENT_CODES
-from features.priors import labels_of
+from features.schema import PRIOR_LEVELS
 
 HISTORY_LEVELS = ("responded", "partial", "no_response", "intolerant")
 SAME_KIND_LEVELS = ("responded", "no_response")
@@ -60,34 +61,25 @@ _KIND = np.array([COMPONENT_BY_CODE[c].kind for c in COMPONENT_CODES])
 _SAME_KIND = (_KIND[:, None] == _KIND[None, :]) & ~np.eye(_N, dtype=bool)
 
 
-def _history(patients: pd.DataFrame) -> np.ndarray:
-    """(n, 12) recorded history labels ('none' where the column is absent or missing)."""
-    out = np.full((len(patients), _N), "none", dtype=object)
-    for c, code in enumerate(COMPONENT_CODES):
-        column = f"prior_{code}"
-        if column in patients.columns:
-            labels = labels_of(patients[column])
-            out[:, c] = np.where(pd.isna(labels), "none", labels)
-    return out
+def _column(X: np.ndarray, names: Sequence[str], name: str) -> np.ndarray:
+    """One column of the encoded matrix (all-missing if the encoder has no such feature)."""
+    return X[:, names.index(name)] if name in names else np.full(len(X), np.nan)
 
 
-def _phq9_band(patients: pd.DataFrame) -> np.ndarray:
-    """PHQ-9 bands above mild (§1.1): 10–14 → 1, 15–19 → 2, ≥ 20 → 3; missing → 0."""
-    phq = pd.to_numeric(patients["phq9"], errors="coerce").to_numpy(dtype=float)
-    return np.clip(np.nan_to_num((phq - 5) // 5, nan=0.0), 0, 3)
+def _history(X: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """(n, 12) recorded history labels, read from the encoded level codes ('none' where
+    missing): the encoded matrix is what the model already holds, and reading it costs
+    microseconds where re-reading twelve pandas columns of a one-row request cost ~2 ms."""
+    levels = np.array(PRIOR_LEVELS, dtype=object)
+    codes = np.column_stack([_column(X, names, f"prior_{c}") for c in COMPONENT_CODES])
+    return np.where(np.isnan(codes), "none", levels[np.nan_to_num(codes).astype(int)])
 
 
-def _neuropathic(patients: pd.DataFrame) -> np.ndarray:
-    column = patients.get("neuropathic_component")
-    if column is None:
-        return np.zeros(len(patients), dtype=bool)
-    return column.astype("boolean").fillna(False).to_numpy(dtype=bool)
-
-
-def modifier_terms(patients: pd.DataFrame, component_effects: np.ndarray,
+def modifier_terms(X: np.ndarray, feature_names: Sequence[str], component_effects: np.ndarray,
                    *, sources: bool = False):
-    """(n, J, 12) the terms F_j(x, c), J = len(MODIFIERS), given each patient's prior
-    single-component effects (``features.priors.prior_effects``).
+    """(n, J, 12) the terms F_j(x, c), J = len(MODIFIERS), for patients encoded by
+    :class:`features.encode.PatientEncoder` (``X`` with columns ``feature_names``), given
+    their prior single-component effects (``features.priors.prior_effects``).
 
     With ``sources=True`` also returns (n, J, 12, len(SOURCES)) weights that split each term
     over the patient columns that switched it on (rows sum to 1 where the term is non-zero),
@@ -95,7 +87,8 @@ def modifier_terms(patients: pd.DataFrame, component_effects: np.ndarray,
     """
     effects = np.asarray(component_effects, float)
     n = len(effects)
-    history = _history(patients)
+    names = list(feature_names)
+    history = _history(X, names)
     terms = np.zeros((n, len(MODIFIERS), _N))
     src = np.zeros((n, len(MODIFIERS), _N, len(SOURCES))) if sources else None
     j = 0
@@ -113,13 +106,14 @@ def modifier_terms(patients: pd.DataFrame, component_effects: np.ndarray,
             share = hit[:, None, :] * _SAME_KIND[None] / np.maximum(count, 1)[:, :, None]
             src[:, j, :, :_N] = share
         j += 1
-    band = _phq9_band(patients)
+    # PHQ-9 bands above mild (§1.1): 10–14 → 1, 15–19 → 2, ≥ 20 → 3; missing → 0.
+    band = np.clip(np.nan_to_num((_column(X, names, "phq9") - 5) // 5, nan=0.0), 0, 3)
     for code in PSYCH:
         terms[:, j, _INDEX[code]] = band
     if sources:
         src[:, j, :, SOURCES.index("phq9")] = 1.0
     j += 1
-    neuro = _neuropathic(patients)
+    neuro = np.nan_to_num(_column(X, names, "neuropathic_component")) > 0
     for code in NEUROPATHIC_DRUGS:
         terms[:, j, _INDEX[code]] = effects[:, _INDEX[code]] * neuro
     if sources:

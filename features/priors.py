@@ -83,7 +83,7 @@ AE_PRIOR = pd.Series(
 ).loc[list(COMPONENT_CODES)]
 
 
-def labels_of(s: pd.Series) -> np.ndarray:
+def _labels(s: pd.Series) -> np.ndarray:
     """A column as an array of text labels, for equality tests against level names.
 
     Categorical and string columns (what validation produces) convert directly, missing values
@@ -97,7 +97,7 @@ def labels_of(s: pd.Series) -> np.ndarray:
 
 def condition_groups(patients: pd.DataFrame) -> np.ndarray:
     """Evidence-table column for each patient (array of group names)."""
-    condition = labels_of(patients["pain_condition"])
+    condition = _labels(patients["pain_condition"])
     cond = np.array([CONDITION_GROUP.get(str(c), np.nan) for c in condition], dtype=object)
     radicular = patients.get("neuropathic_component")
     if radicular is not None:
@@ -137,7 +137,7 @@ def prior_effects(patients: pd.DataFrame) -> np.ndarray:
         column = f"prior_{code}"
         if column not in patients.columns:
             continue
-        prior = labels_of(patients[column])
+        prior = _labels(patients[column])
         kind = COMPONENT_BY_CODE[code].kind
         effect[prior == "no_response", c] *= PRIOR_RESPONSE_FACTOR["no_response"][kind]
         effect[prior == "responded", c] *= PRIOR_RESPONSE_FACTOR["responded"]

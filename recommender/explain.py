@@ -77,7 +77,7 @@ def _parts(model, patient: pd.DataFrame, plan_idx: np.ndarray, shared: dict | No
     shift = model.effect_model_.gamma_[:, 0]  # the exactly-solved average correction (K')
     if not model.orthogonalize:
         phi_tau, shift = phi_tau[1:], shift[1:]
-    B = model.plan_basis(patient, plan_idx, prior=raw_prior)[0]  # (P, K)
+    B = model.plan_basis(patient, plan_idx, prior=raw_prior, X=X)[0]  # (P, K)
     prior_dev = prior - model.tau_prior_mean_
     base_eff = B @ (model.tau_prior_mean_ + shift + phi_tau[:, d])
     per_comp = B[:, :, None] * phi_tau[None, :, :d]  # (P, K, d)
@@ -92,7 +92,7 @@ def _parts(model, patient: pd.DataFrame, plan_idx: np.ndarray, shared: dict | No
         # their components for phrasing, and give their learned average (specific to this
         # patient's history, mood or phenotype, not the average patient's) to the patient
         # columns that switched each term on (features.modifiers.SOURCES).
-        terms, sources = modifier_terms(patient, raw_prior, sources=True)
+        terms, sources = modifier_terms(X, names, raw_prior, sources=True)
         terms, sources = terms[0], sources[0]  # (J, 12), (J, 12, S)
         weights = model.effect_basis_[plan_idx, :_N]  # (P, 12)
         per_comp[:, :_N] += weights[:, :, None] * np.einsum("jc,jf->cf", terms, phi_tau[k + 1:, :d])

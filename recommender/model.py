@@ -220,10 +220,12 @@ class PlanOutcomeModel(BaseEstimator):
         before they existed)."""
         return len(self.effect_names_) - self.effect_basis_.shape[1] - 1
 
-    def _modifiers(self, patients: pd.DataFrame, prior: np.ndarray) -> np.ndarray | None:
-        return modifier_terms(patients, prior) if self.n_modifiers_ else None
+    def _modifiers(self, X: np.ndarray, prior: np.ndarray) -> np.ndarray | None:
+        if not self.n_modifiers_:
+            return None
+        return modifier_terms(X, self.encoder_.feature_names_, prior)
 
-    def _logged_basis(self, patients: pd.DataFrame, plan_idx: np.ndarray) -> np.ndarray:
+    def _logged_basis(self, X: np.ndarray, patients: pd.DataFrame, plan_idx: np.ndarray) -> np.ndarray:
         """(n, K) effect basis of each row's own plan: the static columns, the burden and the
         pooled-modifier columns (see :meth:`plan_basis`)."""
         static = self.effect_basis_[plan_idx]
@@ -231,13 +233,13 @@ class PlanOutcomeModel(BaseEstimator):
         size = plan_matrix()[plan_idx].sum(1)
         prior = prior_effects(patients)
         columns = [static, ((size - 1) * (weights * prior).sum(1))[:, None]]
-        modifiers = self._modifiers(patients, prior)
+        modifiers = self._modifiers(X, prior)
         if modifiers is not None:
             columns.append(np.einsum("njc,nc->nj", modifiers, weights))
         return np.hstack(columns)
 
     def plan_basis(self, patients: pd.DataFrame, plan_index: np.ndarray,
-                   prior: np.ndarray | None = None) -> np.ndarray:
+                   prior: np.ndarray | None = None, X: np.ndarray | None = None) -> np.ndarray:
         """(n, P, K) the effect basis ψ(x, a) of the given plans for each patient, columns as
         ``effect_names_``: plan ψ(x, a)·τ(x) is the plan's effect versus usual care."""
         prior = prior_effects(patients) if prior is None else prior
@@ -245,7 +247,8 @@ class PlanOutcomeModel(BaseEstimator):
         n = len(prior)
         parts = [np.broadcast_to(static, (n, *static.shape)),
                  self._burden(patients, plan_index, prior=prior)[:, :, None]]
-        modifiers = self._modifiers(patients, prior)
+        X = self.encoder_.transform(patients) if X is None else X
+        modifiers = self._modifiers(X, prior)
         if modifiers is not None:
             parts.append(np.einsum("njc,pc->npj", modifiers, static[:, :_N_COMPONENTS]))
         return np.concatenate(parts, axis=2)
@@ -262,7 +265,10 @@ class PlanOutcomeModel(BaseEstimator):
         components = tau[:, :_N_COMPONENTS]
         if self.n_modifiers_:
             modifiers = coef.get("modifiers")
-            modifiers = self._modifiers(patients, prior) if modifiers is None else modifiers
+            if modifiers is None:
+                X = coef.get("X")
+                X = self.encoder_.transform(patients) if X is None else X
+                modifiers = self._modifiers(X, prior)
             components = components + np.einsum("nj,njc->nc", tau[:, k + 1:], modifiers)
         burden = self._burden(patients, plan_index, prior=prior)
         return (components @ basis[:, :_N_COMPONENTS].T
@@ -325,7 +331,7 @@ class PlanOutcomeModel(BaseEstimator):
         self.effect_basis_, names = effect_basis()
         self.effect_names_ = names + ("burden",) + MODIFIERS
         self.ae_basis_, self.ae_names_ = ae_basis()
-        Bf = self._logged_basis(patients, plan_idx)
+        Bf = self._logged_basis(X, patients, plan_idx)
         Ba = self.ae_basis_[plan_idx]
 
         if n >= 20:
@@ -452,7 +458,7 @@ class PlanOutcomeModel(BaseEstimator):
 
     def _expected_improvement_logged(self, X, patients, plan_idx) -> np.ndarray:
         coef = self.patient_coefficients(patients, X=X)
-        Bf = self._logged_basis(patients, plan_idx)
+        Bf = self._logged_basis(X, patients, plan_idx)
         return coef["baseline"] + (Bf * coef["tau"]).sum(1)
 
     def patient_coefficients(self, patients: pd.DataFrame, X: np.ndarray | None = None) -> dict:
@@ -479,7 +485,7 @@ class PlanOutcomeModel(BaseEstimator):
             else None
         )
         return {"X": X, "baseline": baseline, "tau": tau, "beta": beta, "scale": scale,
-                "prior": prior, "modifiers": self._modifiers(patients, prior)}
+                "prior": prior, "modifiers": self._modifiers(X, prior)}
 
     def predict_plans(
         self, patients: pd.DataFrame, plan_index=None, *, coefficients: dict | None = None

@@ -4,9 +4,17 @@ import numpy as np
 import pandas as pd
 
 from features.catalog import COMPONENT_CODES
+from features.encode import PatientEncoder
 from features.modifiers import MODIFIERS, SOURCES, modifier_terms
+from features.schema import FEATURE_COLUMNS
+
+ENCODER = PatientEncoder(feature_names_=FEATURE_COLUMNS)
 
 IDX = {c: i for i, c in enumerate(COMPONENT_CODES)}
+
+
+def _terms(frame: pd.DataFrame, effects: np.ndarray, **kw):
+    return modifier_terms(ENCODER.transform(frame), FEATURE_COLUMNS, effects, **kw)
 
 
 def _frame(**prior) -> pd.DataFrame:
@@ -17,7 +25,7 @@ def _frame(**prior) -> pd.DataFrame:
 
 def test_terms_follow_the_patients_history_mood_and_phenotype():
     effects = np.arange(1, 13, dtype=float)[None, :]  # a distinct prior effect per component
-    terms = modifier_terms(_frame(pt="responded", nsaid="no_response", tca="no_response"),
+    terms = _terms(_frame(pt="responded", nsaid="no_response", tca="no_response"),
                            effects)[0]
     t = dict(zip(MODIFIERS, terms))
     assert t["history_responded"][IDX["pt"]] == effects[0, IDX["pt"]]
@@ -38,7 +46,7 @@ def test_terms_follow_the_patients_history_mood_and_phenotype():
 
 def test_sources_split_each_term_over_the_columns_that_switched_it_on():
     frame = _frame(pt="responded", yoga="responded", nsaid="no_response")
-    terms, sources = modifier_terms(frame, np.ones((1, 12)), sources=True)
+    terms, sources = _terms(frame, np.ones((1, 12)), sources=True)
     terms, sources = terms[0], sources[0]
     on = terms != 0
     np.testing.assert_allclose(sources[on].sum(-1), 1.0)
@@ -50,5 +58,5 @@ def test_sources_split_each_term_over_the_columns_that_switched_it_on():
 
 def test_missing_columns_and_values_switch_nothing_on():
     frame = pd.DataFrame({"phq9": [np.nan]})
-    terms = modifier_terms(frame, np.ones((1, 12)))
+    terms = _terms(frame, np.ones((1, 12)))
     assert not terms.any()
