@@ -169,22 +169,10 @@ def free_port() -> int:
 
 def profiles(n: int, seed: int) -> list[dict]:
     """n different simulated patients as JSON-ready §2 profiles (missing values left out)."""
-    import pandas as pd
-
-    from features.schema import PATIENT_COLUMNS
+    from features.io import profile_records
     from training.simulate import simulate_episodes
 
-    frame = simulate_episodes(n, seed=seed, progress=False)
-    out = []
-    for _, row in frame.iterrows():
-        profile = {}
-        for col in PATIENT_COLUMNS:
-            value = row.get(col.name)
-            if value is None or pd.isna(value):
-                continue
-            profile[col.name] = value.item() if hasattr(value, "item") else value
-        out.append(profile)
-    return out
+    return profile_records(simulate_episodes(n, seed=seed, progress=False))
 
 
 def prepare_store(store: Path, episodes: int, seed: int) -> tuple[str, str, Path]:

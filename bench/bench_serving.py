@@ -30,7 +30,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pandas as pd
 
 RESULTS = Path(__file__).parent / "results" / "serving.md"
 CACHE = Path(__file__).parent / "out" / "serving-bundle"
@@ -58,20 +57,11 @@ def train_bundle(directory: Path, episodes: int, seed: int) -> Path:
 
 def patients(n: int, seed: int) -> list[dict]:
     """Request bodies for n different simulated patients."""
-    from features.schema import PATIENT_COLUMNS
+    from features.io import profile_records
     from training.simulate import simulate_episodes
 
     frame = simulate_episodes(n, seed=seed + 1, progress=False)
-    bodies = []
-    for _, row in frame.iterrows():
-        profile = {}
-        for col in PATIENT_COLUMNS:
-            value = row.get(col.name)
-            if value is None or (isinstance(value, float) and np.isnan(value)) or pd.isna(value):
-                continue
-            profile[col.name] = value.item() if hasattr(value, "item") else value
-        bodies.append(json.dumps({"patient": profile, "top_k": 5}).encode())
-    return bodies
+    return [json.dumps({"patient": p, "top_k": 5}).encode() for p in profile_records(frame)]
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:

@@ -113,3 +113,20 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
     else:
         df.to_parquet(path, index=False)
     return path
+
+
+def profile_records(frame: pd.DataFrame) -> list[dict]:
+    """Each row's CONTRACT §2 patient profile as a JSON-ready dict (missing values left out,
+    numpy scalars as Python ones): the body of a ``POST /recommend`` for that patient."""
+    from features.schema import PATIENT_COLUMNS
+
+    names = [c.name for c in PATIENT_COLUMNS if c.name in frame.columns]
+    out = []
+    for row in frame[names].itertuples(index=False):
+        profile = {}
+        for name, value in zip(names, row, strict=True):
+            if value is None or pd.isna(value):
+                continue
+            profile[name] = value.item() if hasattr(value, "item") else value
+        out.append(profile)
+    return out

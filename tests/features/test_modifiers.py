@@ -27,7 +27,7 @@ def test_terms_follow_the_patients_history_mood_and_phenotype():
     effects = np.arange(1, 13, dtype=float)[None, :]  # a distinct prior effect per component
     terms = _terms(_frame(pt="responded", nsaid="no_response", tca="no_response"),
                            effects)[0]
-    t = dict(zip(MODIFIERS, terms))
+    t = dict(zip(MODIFIERS, terms, strict=False))
     assert t["history_responded"][IDX["pt"]] == effects[0, IDX["pt"]]
     assert np.count_nonzero(t["history_responded"]) == 1
     assert np.count_nonzero(t["history_no_response"]) == 2
@@ -52,7 +52,7 @@ def test_sources_split_each_term_over_the_columns_that_switched_it_on():
     np.testing.assert_allclose(sources[on].sum(-1), 1.0)
     j = MODIFIERS.index("same_kind_responded")
     # cbt's same-kind term comes from pt and yoga in equal shares.
-    share = dict(zip(SOURCES, sources[j, IDX["cbt"]]))
+    share = dict(zip(SOURCES, sources[j, IDX["cbt"]], strict=False))
     assert share["prior_pt"] == share["prior_yoga"] == 0.5
 
 

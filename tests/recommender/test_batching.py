@@ -11,7 +11,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pandas as pd
 import pytest
 import sqlalchemy as sa
 
@@ -52,19 +51,10 @@ FHIR_BUNDLE = {
 
 def _cohort(n: int, seed: int) -> list[dict]:
     """n simulated patients as JSON profiles (missing values left out)."""
-    from features.schema import PATIENT_COLUMNS
+    from features.io import profile_records
     from training.simulate import simulate_episodes
 
-    frame = simulate_episodes(n, seed=seed, progress=False)
-    out = []
-    for _, row in frame.iterrows():
-        profile = {}
-        for col in PATIENT_COLUMNS:
-            value = row.get(col.name)
-            if value is not None and not pd.isna(value):
-                profile[col.name] = value.item() if hasattr(value, "item") else value
-        out.append(profile)
-    return out
+    return profile_records(simulate_episodes(n, seed=seed, progress=False))
 
 
 def _bodies(helpers) -> list[bytes]:

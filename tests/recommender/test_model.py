@@ -148,7 +148,7 @@ def test_recovers_a_planted_history_modifier_pooled_over_components():
     ep["plan"] = [PLANS[i] for i in a]
     ep["improvement"], ep["adverse_event"] = y, (rng.random(n) < 0.05).astype(int)
     model = _fit(ep)
-    gamma = dict(zip(model.effect_names_, model.effect_model_.gamma_[:, 0]))
+    gamma = dict(zip(model.effect_names_, model.effect_model_.gamma_[:, 0], strict=False))
     # Planted, relative to the prior: responded 2.0 / 1.3 - 1 = +0.54; no response -1.
     assert gamma["history_responded"] == pytest.approx(2.0 / 1.3 - 1, abs=0.2)
     assert gamma["history_no_response"] == pytest.approx(-1.0, abs=0.2)

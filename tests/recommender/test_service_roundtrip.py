@@ -6,27 +6,14 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from features.io import read_table
+from features.io import profile_records, read_table
 from features.validate import validate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_EPISODES = 90
-
-
-def _profile(row: pd.Series) -> dict:
-    from features.schema import PATIENT_COLUMNS
-
-    out = {}
-    for col in PATIENT_COLUMNS:
-        value = row[col.name]
-        if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
-            continue
-        out[col.name] = value.item() if hasattr(value, "item") else value
-    return out
 
 
 def test_outcomes_round_trip_into_training(asgi_client, tmp_path, monkeypatch, helpers):
@@ -36,10 +23,11 @@ def test_outcomes_round_trip_into_training(asgi_client, tmp_path, monkeypatch, h
     audit_url = helpers.sqlite_url(tmp_path / "audit.db")
     cohort = validate(simulate_episodes(N_EPISODES, seed=5, progress=False), "episodes").frame
     shown_reported = 0
+    profiles = profile_records(cohort)
     with asgi_client(audit_url) as client:
         for i, row in cohort.iterrows():
             answer = helpers.post(
-                client, "/recommend", {"patient": _profile(row), "top_k": 5}, helpers.CLINICIAN
+                client, "/recommend", {"patient": profiles[i], "top_k": 5}, helpers.CLINICIAN
             ).json()
             # Half the time the clinician picks the top plan; otherwise the plan the
             # simulated cohort logged, which may or may not have been shown.
