@@ -105,8 +105,8 @@ def main() -> None:
              f"{', '.join(map(str, args.seeds))}; per-seed values in brackets.", ""]
     header = None
     for name, spec in SCENARIOS.items():
-        spec = dict(spec)
-        rows = [run_scenario(spec.pop("n"), seed, **spec) for seed in args.seeds]
+        overrides = {k: v for k, v in spec.items() if k != "n"}
+        rows = [run_scenario(spec["n"], seed, **overrides) for seed in args.seeds]
         if header is None:
             header = list(rows[0])
             lines += ["| scenario | " + " | ".join(header) + " |",
