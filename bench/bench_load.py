@@ -28,6 +28,7 @@ import random
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +271,6 @@ def _fmt(x, digits: int = 1) -> str:
 
 
 def write(args, loads, crashes, outage, failures, load_start, load_end, seconds) -> None:
-    import bentoml
 
     lines = [
         "# Load, crash and outage benchmark",
@@ -283,7 +283,7 @@ def write(args, loads, crashes, outage, failures, load_start, load_end, seconds)
         "sentinel patient id and name (searched for afterwards in the log and the rows).",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPU(s) shared with other "
-        f"work; Python {platform.python_version()}, BentoML {bentoml.__version__}; 1-min load "
+        f"work; Python {platform.python_version()}, BentoML {version('bentoml')}; 1-min load "
         f"average {load_start:.2f} at start, {load_end:.2f} at end; {seconds / 60:.1f} min in "
         "all.",
         "",

@@ -55,6 +55,7 @@ import subprocess
 import sys
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -626,9 +627,7 @@ def _get(summary, name, workers="-", c=1):
 
 
 def write_markdown(summary, args, tag, model_uri, loads) -> None:
-    import bentoml
     import lightgbm
-    import mlflow
 
     cmd = (f"/work/venv/bin/python bench/bench_servers.py --episodes {args.episodes} "
            f"--duration {args.duration:g} --runs {args.runs} --concurrency "
@@ -645,7 +644,7 @@ def write_markdown(summary, args, tag, model_uri, loads) -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs "
         f"(shared with other jobs), Python {platform.python_version()}, BentoML "
-        f"{bentoml.__version__}, MLflow {mlflow.__version__}, LightGBM {lightgbm.__version__}. "
+        f"{version('bentoml')}, MLflow {version('mlflow')}, LightGBM {lightgbm.__version__}. "
         f"1-minute load average at the start/end of each round: "
         f"{', '.join(f'{x:.1f}' for x in loads)} (client and servers share the 2 CPUs).",
         "",

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -224,7 +225,6 @@ def main(argv=None) -> int:
 
 
 def write(rows, args, tag, bundle, load_start, load_end) -> None:
-    import bentoml
     import lightgbm
 
     inproc_p50 = rows[0][3]
@@ -244,7 +244,7 @@ def write(rows, args, tag, bundle, load_start, load_end) -> None:
         "(loopback).",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical "
-        f"CPU(s); Python {platform.python_version()}, BentoML {bentoml.__version__}, LightGBM "
+        f"CPU(s); Python {platform.python_version()}, BentoML {version('bentoml')}, LightGBM "
         f"{lightgbm.__version__}; 1-min load average {load_start:.2f} at start, "
         f"{load_end:.2f} at end (other work on the machine slows every number).",
         "",

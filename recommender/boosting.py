@@ -76,14 +76,7 @@ def _row_loss(loss: Loss, design: _Design, theta: np.ndarray) -> np.ndarray:
 
 
 def _loss_value(loss: Loss, design: _Design, theta: np.ndarray) -> float:
-    w = design.weight
-    if loss == "multi_l2":
-        return float(np.average(((theta - design.y) ** 2).mean(1), weights=w))
-    eta = _link(design, theta)
-    if loss == "l2":
-        return float(np.average((eta - design.y) ** 2, weights=w))
-    p = np.clip(_sigmoid(eta), 1e-9, 1 - 1e-9)
-    return float(np.average(-(design.y * np.log(p) + (1 - design.y) * np.log(1 - p)), weights=w))
+    return float(np.average(_row_loss(loss, design, theta), weights=design.weight))
 
 
 def linear_shift(loss: Loss, design: _Design, theta0: np.ndarray, Z: np.ndarray,
@@ -257,11 +250,13 @@ class VaryingCoefficientBooster:
                 validation.get("offset", np.zeros(nv)),
                 validation.get("weight", np.ones(nv)),
             )
+            # Where the trees start on the held-out rows: the prior plus the linear part.
+            vstart = validation.get("theta0", np.zeros((nv, K))) + self.linear_part(
+                validation.get("Z", np.ones((nv, K, 1)))).sum(2)
             dv = lgb.Dataset(
                 Xv,
                 label=np.zeros(nv),
-                init_score=validation.get("theta0", np.zeros((nv, K)))
-                + self.linear_part(validation.get("Z", np.ones((nv, K, 1)))).sum(2),
+                init_score=vstart,
                 reference=ds,
                 categorical_feature=categorical or "auto",
             )
@@ -288,20 +283,17 @@ class VaryingCoefficientBooster:
         )
         self.best_iteration_ = self.booster_.best_iteration or self.booster_.current_iteration()
         if vdesign is not None and self.loss != "multi_l2" and self.best_iteration_ > 0:
-            self._keep_trees_if_they_help(validation, vdesign, K)
+            self._keep_trees_if_they_help(validation["X"], vstart, vdesign)
         return self
 
-    def _keep_trees_if_they_help(self, validation: dict, vdesign: _Design, K: int) -> None:
-        """Drop the trees (θ = prior + linear part) unless their held-out gain is more than
-        ``tree_gain_se`` standard errors of the paired per-row loss difference."""
-        Xv = validation["X"]
+    def _keep_trees_if_they_help(self, Xv: np.ndarray, start: np.ndarray, vdesign: _Design) -> None:
+        """Drop the trees (θ = prior + linear part, ``start``) unless their held-out gain is
+        more than ``tree_gain_se`` standard errors of the paired per-row loss difference."""
         nv = Xv.shape[0]
-        start = validation.get("theta0", np.zeros((nv, K))) + self.linear_part(
-            validation.get("Z", np.ones((nv, K, 1)))).sum(2)
         trees = np.asarray(self.booster_.predict(Xv, raw_score=True,
                                                  num_iteration=self.best_iteration_))
         gain = _row_loss(self.loss, vdesign, start) - _row_loss(
-            self.loss, vdesign, start + trees.reshape(nv, K))
+            self.loss, vdesign, start + trees.reshape(start.shape))
         w = vdesign.weight
         mean = np.average(gain, weights=w)
         se = np.sqrt(np.average((gain - mean) ** 2, weights=w) / max(nv - 1, 1))

@@ -225,13 +225,13 @@ class PlanOutcomeModel(BaseEstimator):
             return None
         return modifier_terms(X, self.encoder_.feature_names_, prior)
 
-    def _logged_basis(self, X: np.ndarray, patients: pd.DataFrame, plan_idx: np.ndarray) -> np.ndarray:
-        """(n, K) effect basis of each row's own plan: the static columns, the burden and the
-        pooled-modifier columns (see :meth:`plan_basis`)."""
+    def _logged_basis(self, X: np.ndarray, prior: np.ndarray, plan_idx: np.ndarray) -> np.ndarray:
+        """(n, K) effect basis of each row's own plan (``prior``: the rows' evidence prior):
+        the static columns, the burden and the pooled-modifier columns (see
+        :meth:`plan_basis`)."""
         static = self.effect_basis_[plan_idx]
         weights = static[:, :_N_COMPONENTS]
         size = plan_matrix()[plan_idx].sum(1)
-        prior = prior_effects(patients)
         columns = [static, ((size - 1) * (weights * prior).sum(1))[:, None]]
         modifiers = self._modifiers(X, prior)
         if modifiers is not None:
@@ -331,7 +331,8 @@ class PlanOutcomeModel(BaseEstimator):
         self.effect_basis_, names = effect_basis()
         self.effect_names_ = names + ("burden",) + MODIFIERS
         self.ae_basis_, self.ae_names_ = ae_basis()
-        Bf = self._logged_basis(X, patients, plan_idx)
+        prior = prior_effects(patients)  # once: the basis, θ0 and its mean reuse it
+        Bf = self._logged_basis(X, prior, plan_idx)
         Ba = self.ae_basis_[plan_idx]
 
         if n >= 20:
@@ -382,7 +383,8 @@ class PlanOutcomeModel(BaseEstimator):
 
         # Treatment coefficients τ(x), boosted from the evidence prior.
         say("fitting the treatment-effect model")
-        theta0 = self._prior_theta(patients)
+        prior_theta = self._prior_theta(patients, prior)
+        theta0 = prior_theta
         B_eff, target = Bf - e_hat, y - m_hat
         if not self.orthogonalize:
             B_eff = np.hstack([np.ones((n, 1)), Bf])
@@ -390,7 +392,7 @@ class PlanOutcomeModel(BaseEstimator):
             theta0 = np.hstack([np.full((n, 1), self.intercept0_), theta0])
         # The average patient's prior, so explanations can split "what evidence expects for
         # everyone" (base value) from "what is different about this patient's condition".
-        self.tau_prior_mean_ = self._prior_theta(patients.iloc[tr]).mean(0)
+        self.tau_prior_mean_ = prior_theta[tr].mean(0)
         Z = self._effect_design(patients)
         self.effect_model_ = self._booster("l2").fit(
             X[tr],
@@ -458,7 +460,7 @@ class PlanOutcomeModel(BaseEstimator):
 
     def _expected_improvement_logged(self, X, patients, plan_idx) -> np.ndarray:
         coef = self.patient_coefficients(patients, X=X)
-        Bf = self._logged_basis(X, patients, plan_idx)
+        Bf = self._logged_basis(X, coef["prior"], plan_idx)
         return coef["baseline"] + (Bf * coef["tau"]).sum(1)
 
     def patient_coefficients(self, patients: pd.DataFrame, X: np.ndarray | None = None) -> dict:
