@@ -19,9 +19,9 @@ What it does
      pyfunc's work (no SHAP, no audit), ``POST /rank``.
 3. Measures in this process, on the same patients (no HTTP, one request at a time, in a worker
    thread as the service does):
-   * **floor**: ``recommend_each`` + ``explain_each`` for the top 5 on an already validated
-     one-patient frame — the model scoring + SHAP the service runs for a request that
-     arrives alone (no batch);
+   * **floor**: ``PainPlanAPI._score_values`` for one already validated patient — encoding
+     its typed values, ``recommend_each`` and ``explain_each`` for the top 5: the model
+     scoring + SHAP the service runs for a request that arrives alone (no batch);
    * **PainPlanAPI.recommend**: the whole in-process request (parse + contract validation,
      scoring, SHAP, answer, audit commit) — what the service's worker thread runs;
    * **rank-only** in-process: parse + validation + ``recommend`` + §7 rows;
@@ -312,24 +312,17 @@ def in_process_paths(api, pyfunc, bodies: list[bytes], frames: list) -> dict:
     """name → callable(i) for the in-process measurements."""
     from threadpoolctl import ThreadpoolController
 
-    from features.catalog import PLANS
     from features.schema import PATIENT_ID
     from recommender.api_schema import parse_recommend
-    from recommender.explain import explain_each
-    from recommender.recommend import ranked_rows, recommend, recommend_each
+    from recommender.recommend import ranked_rows, recommend
 
     model = api.model
     parsed = [parse_recommend(b) for b in bodies]
     controller = ThreadpoolController()
     n = len(bodies)
 
-    def floor(i: int) -> None:
-        patient = parsed[i % n].patient
-        with controller.limit(limits=1, user_api="openmp"):  # as PainPlanAPI.recommend
-            (ranked,) = recommend_each(model, patient, [TOP_K], singles=[patient])
-            plans = [PLANS[j] for j in ranked.order[0] if j >= 0]
-            explain_each(model, patient, [plans], coefficients=ranked.coefficients,
-                         singles=[patient])
+    def floor(i: int) -> None:  # the scoring + SHAP of PainPlanAPI.recommend, nothing else
+        api._score_values([parsed[i % n].profile], [TOP_K])
 
     def full(i: int) -> None:
         api.recommend(bodies[i % n])
@@ -374,7 +367,7 @@ PROFILE_FINDINGS = (
 )
 
 LABELS = {
-    "floor": "in-process floor: recommend_each + explain_each (top 5), one patient",
+    "floor": "in-process floor: encode + recommend_each + explain_each (top 5), one patient",
     "api": "in-process PainPlanAPI.recommend (validate + score + SHAP + audit)",
     "rank-inproc": "in-process rank only (validate + score + §7 rows)",
     "pyfunc-inproc": "in-process pyfunc.predict (MLflow schema + validate + score + §7 rows)",
@@ -654,7 +647,8 @@ def write_markdown(summary, args, tag, model_uri, loads) -> None:
         "|---|---|",
         "| painplan `POST /recommend` | API-key check, body-size cap, JSON + pydantic shape "
         "check, contract validation of the profile (`features.validate.validate_records`), "
-        "score all 839 plans (`recommend_each`: tree pass + plan products + safety floor + "
+        "encode the typed values, score all 839 plans (`recommend_each`: tree pass + plan "
+        "products + safety floor + "
         "ranking), **SHAP for the top 5** (`explain_each`), answer with components, warnings, "
         "exclusions, **commit an audit record** (SQLite WAL, synchronous=FULL) before "
         "answering. Requests that arrive while a batch is being scored are **micro-batched** "
@@ -666,9 +660,9 @@ def write_markdown(summary, args, tag, model_uri, loads) -> None:
         "| rank-only `POST /rank` (bench/rank_service.py) | painplan's code in BentoML doing "
         "the pyfunc's work: JSON + shape check, contract validation, `recommend`, §7 rows. No "
         "SHAP, no audit, no auth |",
-        "| in-process floor | `recommend_each` + `explain_each` (top 5) on an "
-        "already-validated one-patient frame: the model scoring + SHAP the service runs for "
-        "a request that arrives alone |",
+        "| in-process floor | `PainPlanAPI._score_values` for one already-validated patient: "
+        "encode its typed values, `recommend_each` + `explain_each` (top 5): the model "
+        "scoring + SHAP the service runs for a request that arrives alone |",
         "| in-process PainPlanAPI.recommend | everything painplan's worker thread runs "
         "(validation, scoring, SHAP, audit commit); no HTTP |",
         "",

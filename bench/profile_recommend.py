@@ -84,17 +84,15 @@ def main(argv=None) -> int:
         return (bodies + bodies)[start:start + k]
 
     parsed = [parse_recommend_many(batch(i)) for i in range(n)]
-    singles = [[item.patient for item in items] for _, items in parsed]
-    scored = [api._score_frame(frame, [TOP_K] * k, singles[i])
-              for i, (frame, _) in enumerate(parsed)]
+    values = [[item.profile for item in items] for _, items in parsed]
+    encoded = [model.encoder_.transform_values(v) for v in values]
+    names = model.encoder_.feature_names_
+    scored = [api._score_values(values[i], [TOP_K] * k) for i in range(n)]
     records = [[api._answer(item, s, utc_now(), None)[1] for item, s in zip(items, sc, strict=True)]
                for (_, items), sc in zip(parsed, scored, strict=True)]
     print(f"model {tag}; batches of {k}; 1-minute load average {os.getloadavg()[0]:.1f}")
     whole = cpu_ms(lambda i: api.recommend_many(batch(i)), args.requests)
     print(f"PainPlanAPI.recommend_many: {whole:.2f} ms CPU per batch, {whole / k:.2f} per answer")
-
-    def frame(i):
-        return parsed[i % n][0]
 
     def commit(i):
         store.record_requests([replace(r, request_id=str(uuid.uuid4())) for r in records[i % n]])
@@ -102,13 +100,16 @@ def main(argv=None) -> int:
     with threadpool_limits(1, user_api="openmp"):
         stages = {
             "parse + validate (parse_recommend_many)": lambda i: parse_recommend_many(batch(i)),
-            "score + explain (PainPlanAPI._score_frame)":
-                lambda i: api._score_frame(frame(i), [TOP_K] * k, singles[i % n]),
+            "score + explain (PainPlanAPI._score_values)":
+                lambda i: api._score_values(values[i % n], [TOP_K] * k),
+            "  encoding (PatientEncoder.transform_values)":
+                lambda i: model.encoder_.transform_values(values[i % n]),
             "  scoring (recommend_each)":
-                lambda i: recommend_each(model, frame(i), [TOP_K] * k, singles=singles[i % n]),
-            "    the safety table (assess)": lambda i: assess(frame(i)),
+                lambda i: recommend_each(model, None, [TOP_K] * k, X=encoded[i % n]),
+            "    the safety table (assess)":
+                lambda i: assess(None, encoded=(encoded[i % n], names)),
             "    coefficients (patient_coefficients)":
-                lambda i: model.patient_coefficients(frame(i)),
+                lambda i: model.patient_coefficients(None, X=encoded[i % n]),
             "answers and audit records (PainPlanAPI._answer)": lambda i: [
                 api._answer(it, s, utc_now(), None)
                 for it, s in zip(parsed[i % n][1], scored[i % n], strict=True)],

@@ -12,6 +12,8 @@ interference items move with it in the trials cited.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -124,21 +126,60 @@ PRIOR_RESPONSE_FACTOR = {"no_response": {"drug": 0.5, "non-drug": 0.75}, "respon
 
 def prior_effects(patients: pd.DataFrame) -> np.ndarray:
     """(n, 12) prior single-component improvement (PEG points) for each patient."""
+    groups = condition_groups(patients)
+    index = np.array([_GROUPS.index(g) for g in groups], dtype=int)
+    peg = pd.to_numeric(patients["peg"], errors="coerce").to_numpy(dtype=float)
+    no_response = np.zeros((len(index), len(COMPONENT_CODES)), bool)
+    responded = np.zeros_like(no_response)
+    for c, code in enumerate(COMPONENT_CODES):
+        column = f"prior_{code}"
+        if column in patients.columns:
+            prior = _labels(patients[column])
+            no_response[:, c] = prior == "no_response"
+            responded[:, c] = prior == "responded"
+    return _prior_effects(index, peg, no_response, responded)
+
+
+def prior_effects_encoded(X: np.ndarray, feature_names: Sequence[str]) -> np.ndarray:
+    """:func:`prior_effects` read from the encoded matrix of the same validated patients
+    (``features.encode.PatientEncoder``: level codes, 0/1 booleans, NaN = missing), with the
+    same numbers bit for bit. The model holds that matrix already; reading it costs
+    microseconds where re-reading ~15 pandas columns of a one-row request cost ~1 ms."""
+    from features.schema import COLUMNS_BY_NAME
+
+    names = list(feature_names)
+    column = X[:, names.index("pain_condition")]
+    if np.isnan(column).any():
+        raise ValueError("pain_condition is missing for some patients; validate them first")
+    levels = COLUMNS_BY_NAME["pain_condition"].levels
+    group_of_level = np.array([_GROUPS.index(CONDITION_GROUP[level]) for level in levels])
+    index = group_of_level[column.astype(int)]
+    if "neuropathic_component" in names:
+        radicular = np.nan_to_num(X[:, names.index("neuropathic_component")]) > 0
+        index = np.where((column == levels.index("low_back")) & radicular,
+                         _GROUPS.index("lbp_radicular"), index)
+    no_response = np.zeros((len(X), len(COMPONENT_CODES)), bool)
+    responded = np.zeros_like(no_response)
+    for c, code in enumerate(COMPONENT_CODES):
+        if f"prior_{code}" in names:
+            codes = X[:, names.index(f"prior_{code}")]  # NaN compares unequal: neither
+            prior_levels = COLUMNS_BY_NAME[f"prior_{code}"].levels
+            no_response[:, c] = codes == prior_levels.index("no_response")
+            responded[:, c] = codes == prior_levels.index("responded")
+    return _prior_effects(index, X[:, names.index("peg")], no_response, responded)
+
+
+def _prior_effects(group_index: np.ndarray, peg: np.ndarray, no_response: np.ndarray,
+                   responded: np.ndarray) -> np.ndarray:
+    """The evidence table row of each patient's group, scaled for severity and history."""
     from features.catalog import COMPONENT_BY_CODE
 
-    groups = condition_groups(patients)
     table = EFFECT_PRIOR.to_numpy().T  # (5 groups, 12)
-    index = np.array([_GROUPS.index(g) for g in groups], dtype=int)
-    effect = table[index].astype(float)
-    peg = pd.to_numeric(patients["peg"], errors="coerce").to_numpy(dtype=float)
+    effect = table[group_index].astype(float)
     severity = np.clip(np.nan_to_num(peg / SEVERITY_REFERENCE_PEG, nan=1.0), *SEVERITY_RANGE)
     effect *= severity[:, None]
     for c, code in enumerate(COMPONENT_CODES):
-        column = f"prior_{code}"
-        if column not in patients.columns:
-            continue
-        prior = _labels(patients[column])
         kind = COMPONENT_BY_CODE[code].kind
-        effect[prior == "no_response", c] *= PRIOR_RESPONSE_FACTOR["no_response"][kind]
-        effect[prior == "responded", c] *= PRIOR_RESPONSE_FACTOR["responded"]
+        effect[no_response[:, c], c] *= PRIOR_RESPONSE_FACTOR["no_response"][kind]
+        effect[responded[:, c], c] *= PRIOR_RESPONSE_FACTOR["responded"]
     return effect

@@ -30,7 +30,7 @@ import difflib
 import functools
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -449,20 +449,28 @@ class RecordsValidated:
     its :class:`ContractError` (None when accepted), ``warnings[i]`` the warnings
     :func:`validate` gives for it alone, and ``values[i]`` its typed values as plain
     Python (column → value, ``None`` for missing; None when refused).
+
+    ``frame`` is built on first use: the HTTP service encodes ``values`` directly
+    (``PatientEncoder.transform_values``) and never needs it, and building a ~45-column
+    pandas frame was the largest part of validating one request.
     """
 
-    frame: pd.DataFrame
     rows: list[int | None]
     errors: list[ContractError | None]
     warnings: list[list[str]]
     values: list[dict | None]
+    kind: Kind = "request"
+
+    @functools.cached_property
+    def frame(self) -> pd.DataFrame:
+        return typed_frame([v for v in self.values if v is not None], self.kind)
 
 
 _MISSING = object()
 
 
 def _plain_value(col: Column, value: object) -> object:
-    """A typed frame cell as the plain Python value :func:`_typed_frame` takes back."""
+    """A typed frame cell as the plain Python value :func:`typed_frame` takes back."""
     if value is None or value is pd.NA or value is pd.NaT:
         return None
     if isinstance(value, float | np.floating) and np.isnan(value):
@@ -536,8 +544,10 @@ def _fast_record(record: dict, columns: tuple[Column, ...]) -> dict | None:
     return values
 
 
-def _typed_frame(rows: list[dict], columns: tuple[Column, ...]) -> pd.DataFrame:
-    """The frame :func:`validate` returns, from rows of typed plain values (see its table)."""
+def typed_frame(rows: Sequence[Mapping], kind: Kind = "request") -> pd.DataFrame:
+    """The frame :func:`validate` returns, from rows of typed plain values as
+    :func:`validate_records` gives them (``RecordsValidated.values``)."""
+    columns = columns_for(kind)
     index = pd.RangeIndex(len(rows))
     out: dict[str, object] = {}
     for col in columns:
@@ -621,4 +631,4 @@ def validate_records(records: list[dict], kind: Kind = "request") -> RecordsVali
         errors.append(None)
         warnings.append(notes)
         values.append(found)
-    return RecordsValidated(_typed_frame(typed, columns), rows, errors, warnings, values)
+    return RecordsValidated(rows, errors, warnings, values, kind)

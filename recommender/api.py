@@ -155,14 +155,14 @@ class PainPlanAPI:
                     continue
             plain.append(body)
             slots.append(i)
-        frame, items = parse_recommend_many(plain)
+        _, items = parse_recommend_many(plain)
         todo: list[tuple[int, RecommendInput]] = []
         for i, item in zip(slots, items, strict=True):
             if isinstance(item, InvalidRequest):
                 results[i] = item
             else:
                 todo.append((i, item))
-        scored = self._score(frame, [item for _, item in todo])
+        scored = self._score([item for _, item in todo])
         records = []
         for (i, item), outcome in zip(todo, scored, strict=True):
             if isinstance(outcome, Exception):
@@ -190,7 +190,7 @@ class PainPlanAPI:
             )
         return results  # type: ignore[return-value]
 
-    def _score(self, frame: pd.DataFrame, items: list[RecommendInput]) -> list:
+    def _score(self, items: list[RecommendInput]) -> list:
         """(ranked, plans, explanations) per item, or the exception scoring it raised.
 
         The batch is scored together (:func:`recommend_each`, :func:`explain_each`: each
@@ -198,12 +198,9 @@ class PainPlanAPI:
         input that breaks scoring fails only its own request."""
         if not items:
             return []
-        rows = [item.row for item in items]
-        if rows != list(range(len(frame))):
-            frame = frame.take(rows).reset_index(drop=True)
-        singles = [item.patient for item in items]
         try:
-            return self._score_frame(frame, [item.top_k for item in items], singles)
+            return self._score_values([item.profile for item in items],
+                                      [item.top_k for item in items])
         except Exception:  # noqa: BLE001 - isolate the culprit below
             if len(items) == 1:
                 raise
@@ -211,21 +208,23 @@ class PainPlanAPI:
         out: list = []
         for item in items:
             try:
-                one = item.patient.reset_index(drop=True)
-                out.extend(self._score_frame(one, [item.top_k], [one]))
+                out.extend(self._score_values([item.profile], [item.top_k]))
             except Exception as err:  # noqa: BLE001 - this request's own failure
                 out.append(err)
         return out
 
-    def _score_frame(self, frame: pd.DataFrame, top_k: list[int], singles: list) -> list[tuple]:
+    def _score_values(self, values: list[dict], top_k: list[int]) -> list[tuple]:
+        """Score and explain patients given by their typed values as validated (one dict
+        per patient, ``RecordsValidated.values``): the model encodes them directly, which is
+        the validated frame's encoding without building the frame or reading it back
+        through pandas (most of one request's cost when it did)."""
+        X = self.model.encoder_.transform_values(values)
         with self._threads.limit(limits=1, user_api="openmp"):
-            ranked = recommend_each(self.model, frame, top_k, singles=singles)
+            ranked = recommend_each(self.model, None, top_k, X=X)
             plans = [[PLANS[i] for i in r.order[0] if i >= 0] for r in ranked]
             # the encoding and evidence prior scoring computed, reused by the explanations
             shared = self._batch_coefficients(ranked)
-            explanations = explain_each(
-                self.model, frame, plans, coefficients=shared, singles=singles
-            )
+            explanations = explain_each(self.model, None, plans, coefficients=shared)
         return list(zip(ranked, plans, explanations, strict=True))
 
     @staticmethod

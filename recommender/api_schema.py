@@ -46,7 +46,7 @@ from pydantic.json_schema import models_json_schema
 from features.catalog import COMPONENT_CODES, parse_plan
 from features.errors import ContractError, PainplanError, PlanError
 from features.schema import COLUMNS_BY_NAME, PATIENT_ID, Column, columns_for
-from features.validate import validate_records
+from features.validate import RecordsValidated, typed_frame, validate_records
 from recommender.recommend import MAX_TOP_K
 
 DEFAULT_TOP_K = 5
@@ -451,10 +451,16 @@ def _shape(model: type[BaseModel], data: dict) -> list[dict]:
 
 @dataclass
 class PatientRequest:
-    patient: pd.DataFrame
+    patient: pd.DataFrame | None  # the validated one-row frame (built on demand, see frame())
     profile: dict  # the contract columns as sent, minus patient_id (what the audit keeps)
     patient_id: str | None
     input_warnings: list[str] = field(default_factory=list)
+
+    def frame(self) -> pd.DataFrame:
+        """The validated one-row patient frame (built from the typed profile if need be)."""
+        if self.patient is None:
+            self.patient = typed_frame([{**self.profile, PATIENT_ID: self.patient_id}])
+        return self.patient
 
 
 @dataclass
@@ -488,18 +494,21 @@ def parse_recommend(body: bytes) -> RecommendInput:
     _frame, (item,) = parse_recommend_many([body])
     if isinstance(item, InvalidRequest):
         raise item
+    item.frame()
     return item
 
 
 def parse_recommend_many(
     bodies: Sequence[bytes],
-) -> tuple[pd.DataFrame, list[RecommendInput | InvalidRequest]]:
+) -> tuple[RecordsValidated, list[RecommendInput | InvalidRequest]]:
     """Several ``POST /recommend`` bodies, each judged on its own exactly as
     :func:`parse_recommend` would (same answer, same 400 body), validated together.
 
-    Returns the typed frame of the accepted patients and, per body, either its
-    :class:`RecommendInput` (``row`` = its row in the frame, ``patient`` that one-row slice)
-    or its :class:`InvalidRequest`.
+    Returns the validated records (their ``frame`` of the accepted patients is built on
+    first use) and, per body, either its :class:`RecommendInput` (``row`` = its row in that
+    frame, ``profile`` its typed values; ``patient`` is None until ``frame()`` builds it) or
+    its :class:`InvalidRequest`. The service encodes the typed values directly and never
+    builds a frame.
     """
     pending: list[InvalidRequest | tuple[dict, list[dict], int | None]] = []
     records: list[dict] = []
@@ -517,7 +526,6 @@ def parse_recommend_many(
             records.append(raw)
         pending.append((data, problems, slot))
     checked = validate_records(records, "request")
-    frame = checked.frame
     items: list[RecommendInput | InvalidRequest] = []
     for entry in pending:
         if isinstance(entry, InvalidRequest):
@@ -536,7 +544,7 @@ def parse_recommend_many(
         values = checked.values[slot]
         items.append(
             RecommendInput(
-                patient=frame if len(frame) == 1 else frame.iloc[row : row + 1],
+                patient=None,
                 profile={c: v for c, v in values.items() if c != PATIENT_ID},
                 patient_id=values[PATIENT_ID],
                 input_warnings=list(checked.warnings[slot]),
@@ -544,7 +552,7 @@ def parse_recommend_many(
                 row=row,
             )
         )
-    return frame, items
+    return checked, items
 
 
 def parse_explain(body: bytes) -> ExplainInput:

@@ -135,6 +135,7 @@ def _append_only(table: sa.Table) -> None:
 
 _append_only(REQUESTS)
 _append_only(OUTCOMES)
+_INSERT_REQUEST = sa.insert(REQUESTS)
 
 
 class AuditUnavailable(PainplanError):
@@ -303,10 +304,10 @@ class AuditStore:
             return
         try:
             with self._connect() as conn:
-                if len(records) == 1:
-                    conn.execute(sa.insert(REQUESTS).values(**records[0].__dict__))
-                else:
-                    conn.execute(sa.insert(REQUESTS), [r.__dict__ for r in records])
+                # Parameters, not .values(**record): the statement then compiles once and is
+                # cached, where .values() built and compiled a new one per call (~0.3 ms).
+                params = [r.__dict__ for r in records]
+                conn.execute(_INSERT_REQUEST, params[0] if len(params) == 1 else params)
         except SQLAlchemyError as err:
             raise self._unavailable("write to", err) from err
 

@@ -23,7 +23,7 @@ import pandas as pd
 
 from features.catalog import COMPONENT_BY_CODE, COMPONENT_CODES, PLAN_INDEX, PLANS
 from features.modifiers import SOURCES, modifier_terms
-from features.priors import prior_effects
+from features.priors import prior_effects_encoded
 from features.schema import COLUMNS_BY_NAME
 
 _LABELS = {
@@ -68,7 +68,7 @@ def _parts(model, patient: pd.DataFrame, plan_idx: np.ndarray, shared: dict | No
         X = model.encoder_.transform(patient)
         phi_tau = model.effect_model_.contributions(X)[0]  # (K', d+1)
         phi_beta = model.ae_model_.contributions(X)[0]  # (K_AE, d+1)
-        raw_prior = prior_effects(patient)
+        raw_prior = prior_effects_encoded(X, model.encoder_.feature_names_)
     else:
         X, phi_tau, phi_beta = shared["X"], shared["phi_tau"], shared["phi_beta"]
         raw_prior = shared["prior"]
@@ -167,7 +167,7 @@ def explain_plans(model, patient: pd.DataFrame, plans, top_n: int = 6, *,
     return out
 
 
-def explain_each(model, patients: pd.DataFrame, plans: list, top_n: int = 6, *,
+def explain_each(model, patients: pd.DataFrame | None, plans: list, top_n: int = 6, *,
                  coefficients: dict | None = None, singles: list | None = None
                  ) -> list[list[dict]]:
     """:func:`explain_plans` for each patient of a validated frame, as if alone:
@@ -178,18 +178,21 @@ def explain_each(model, patients: pd.DataFrame, plans: list, top_n: int = 6, *,
     basis run per patient. ``coefficients`` may pass
     :meth:`~recommender.model.PlanOutcomeModel.patient_coefficients` of the same frame (its
     ``X`` and ``prior``), saving the encoding and prior a second time, and ``singles`` the
-    one-row frames ``patients.iloc[[i]]``.
+    one-row frames ``patients.iloc[[i]]``. With both ``X`` and ``prior`` in ``coefficients``
+    the frame is not read and may be None.
     """
-    if len(plans) != len(patients):
-        raise ValueError(f"{len(plans)} plan lists for {len(patients)} patients")
+    coef = coefficients or {}
+    X, prior = coef.get("X"), coef.get("prior")
+    if patients is None and (X is None or prior is None):
+        raise ValueError("explain_each needs the patient frame, or coefficients with X and prior")
+    n = len(patients) if patients is not None else len(X)
+    if len(plans) != n:
+        raise ValueError(f"{len(plans)} plan lists for {n} patients")
     wanted = [i for i, p in enumerate(plans) if len(p)]
     if not wanted:
         return [[] for _ in plans]
-    coef = coefficients or {}
-    X = coef.get("X")
     X = model.encoder_.transform(patients) if X is None else X
-    prior = coef.get("prior")
-    prior = prior_effects(patients) if prior is None else prior
+    prior = prior_effects_encoded(X, model.encoder_.feature_names_) if prior is None else prior
     rows = X[wanted]
     phi_tau = model.effect_model_.contributions(rows)
     phi_beta = model.ae_model_.contributions(rows)
@@ -197,7 +200,8 @@ def explain_each(model, patients: pd.DataFrame, plans: list, top_n: int = 6, *,
     for j, i in enumerate(wanted):
         shared = {"X": X[i : i + 1], "prior": prior[i : i + 1], "phi_tau": phi_tau[j],
                   "phi_beta": phi_beta[j]}
-        one = patients.iloc[i : i + 1] if singles is None else singles[i]
+        one = singles[i] if singles is not None else (
+            patients.iloc[i : i + 1] if patients is not None else None)
         out[i] = explain_plans(model, one, plans[i], top_n, _shared=shared)
     return out
 

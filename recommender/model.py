@@ -66,7 +66,7 @@ from features.encode import (
     schema_fingerprint,
 )
 from features.modifiers import MODIFIERS, modifier_terms
-from features.priors import AE_PRIOR, prior_effects
+from features.priors import AE_PRIOR, prior_effects, prior_effects_encoded
 from features.schema import PEG, RESPONDER_FRACTION
 from recommender.boosting import VaryingCoefficientBooster
 
@@ -275,22 +275,23 @@ class PlanOutcomeModel(BaseEstimator):
                 + tau[:, _N_COMPONENTS:k] @ basis[:, _N_COMPONENTS:].T
                 + tau[:, k:k + 1] * burden)
 
-    def _prior_theta(self, patients: pd.DataFrame, prior: np.ndarray | None = None) -> np.ndarray:
-        n = len(patients)
+    def _prior_theta(self, patients: pd.DataFrame | None, prior: np.ndarray | None = None
+                     ) -> np.ndarray:
+        n = len(patients) if prior is None else len(prior)
         theta = np.zeros((n, len(self.effect_names_)))
         if self.use_prior:
             theta[:, :_N_COMPONENTS] = prior_effects(patients) if prior is None else prior
         return theta
 
-    def _effect_design(self, patients: pd.DataFrame) -> np.ndarray:
+    def _effect_design(self, n: int) -> np.ndarray:
         """Design of the coefficients' linear part: one constant per output (the average
         correction to the prior, solved exactly before the trees; see
         :func:`recommender.boosting.linear_shift`)."""
         k = len(self.effect_names_) + (0 if self.orthogonalize else 1)
-        return np.ones((len(patients), k, 1), dtype=np.float32)
+        return np.ones((n, k, 1), dtype=np.float32)
 
-    def _ae_design(self, patients: pd.DataFrame) -> np.ndarray:
-        return np.ones((len(patients), len(self.ae_names_), 1), dtype=np.float32)
+    def _ae_design(self, n: int) -> np.ndarray:
+        return np.ones((n, len(self.ae_names_), 1), dtype=np.float32)
 
     def _prior_ae(self, n: int) -> np.ndarray:
         beta = np.zeros((n, len(self.ae_names_)))
@@ -331,7 +332,8 @@ class PlanOutcomeModel(BaseEstimator):
         self.effect_basis_, names = effect_basis()
         self.effect_names_ = names + ("burden",) + MODIFIERS
         self.ae_basis_, self.ae_names_ = ae_basis()
-        prior = prior_effects(patients)  # once: the basis, θ0 and its mean reuse it
+        # once: the basis, θ0 and its mean reuse it; read from X as at inference
+        prior = prior_effects_encoded(X, self.encoder_.feature_names_)
         Bf = self._logged_basis(X, prior, plan_idx)
         Ba = self.ae_basis_[plan_idx]
 
@@ -393,7 +395,7 @@ class PlanOutcomeModel(BaseEstimator):
         # The average patient's prior, so explanations can split "what evidence expects for
         # everyone" (base value) from "what is different about this patient's condition".
         self.tau_prior_mean_ = prior_theta[tr].mean(0)
-        Z = self._effect_design(patients)
+        Z = self._effect_design(len(X))
         self.effect_model_ = self._booster("l2").fit(
             X[tr],
             target[tr],
@@ -417,7 +419,7 @@ class PlanOutcomeModel(BaseEstimator):
         beta0 = self._prior_ae(n)
         # Logistic hessians p(1-p) are ~4x smaller than the effect model's basis hessians, so
         # the same prior strength (≈ rows of evidence per leaf) needs a 4x smaller L2 penalty.
-        Z = self._ae_design(patients)
+        Z = self._ae_design(len(X))
         self.ae_model_ = self._booster("logistic", lambda_l2=self.lambda_l2 / 4).fit(
             X[tr],
             ae[tr],
@@ -452,35 +454,39 @@ class PlanOutcomeModel(BaseEstimator):
         e = np.mean([em.predict_raw(X) for em in self.e_models_], axis=0)
         return m, e
 
-    def _tau(self, X: np.ndarray, patients: pd.DataFrame, prior: np.ndarray | None = None) -> np.ndarray:
+    def _tau(self, X: np.ndarray, patients: pd.DataFrame | None,
+             prior: np.ndarray | None = None) -> np.ndarray:
         theta0 = self._prior_theta(patients, prior)
         if not self.orthogonalize:
             theta0 = np.hstack([np.full((len(X), 1), self.intercept0_), theta0])
-        return theta0 + self.effect_model_.predict_raw(X, self._effect_design(patients))
+        return theta0 + self.effect_model_.predict_raw(X, self._effect_design(len(X)))
 
     def _expected_improvement_logged(self, X, patients, plan_idx) -> np.ndarray:
         coef = self.patient_coefficients(patients, X=X)
         Bf = self._logged_basis(X, coef["prior"], plan_idx)
         return coef["baseline"] + (Bf * coef["tau"]).sum(1)
 
-    def patient_coefficients(self, patients: pd.DataFrame, X: np.ndarray | None = None) -> dict:
+    def patient_coefficients(self, patients: pd.DataFrame | None, X: np.ndarray | None = None
+                             ) -> dict:
         """Per-patient quantities every plan's estimate is built from.
 
         ``baseline`` is E[Y | x, empty plan] = m(x) − e(x)·τ(x) (or the intercept of the naive
         model); ``tau`` the (n, K) effect coefficients; ``beta`` the (n, K_AE) adverse-event
-        log-odds coefficients; ``scale`` the residual scale for intervals.
+        log-odds coefficients; ``scale`` the residual scale for intervals. With ``X`` (the
+        encoded patients) the frame is not read and may be None.
         """
         X = self.encoder_.transform(patients) if X is None else X
         m, e = self._nuisance(X)
-        # The evidence prior is computed once per call: the coefficients, the burden column
-        # and the explanations all reuse it (it was the largest cost of a single request).
-        prior = prior_effects(patients)
+        # The evidence prior is computed once per call, from the encoded matrix: the
+        # coefficients, the burden column and the explanations all reuse it (read from the
+        # frame, it was the largest cost of a single request).
+        prior = prior_effects_encoded(X, self.encoder_.feature_names_)
         tau = self._tau(X, patients, prior)
         if self.orthogonalize:
             baseline = m - (e * tau).sum(1)
         else:
             baseline, tau = tau[:, 0], tau[:, 1:]
-        beta = self._prior_ae(len(X)) + self.ae_model_.predict_raw(X, self._ae_design(patients))
+        beta = self._prior_ae(len(X)) + self.ae_model_.predict_raw(X, self._ae_design(len(X)))
         scale = (
             np.maximum(_predict(self.scale_model_, X), 0.05)
             if hasattr(self, "scale_model_")
@@ -490,13 +496,17 @@ class PlanOutcomeModel(BaseEstimator):
                 "prior": prior, "modifiers": self._modifiers(X, prior)}
 
     def predict_plans(
-        self, patients: pd.DataFrame, plan_index=None, *, coefficients: dict | None = None
+        self, patients: pd.DataFrame | None, plan_index=None, *, coefficients: dict | None = None
     ) -> PlanEstimates:
-        """Estimates for every patient × plan (all 839 plans unless ``plan_index`` is given)."""
+        """Estimates for every patient × plan (all 839 plans unless ``plan_index`` is given).
+        With ``coefficients`` from :meth:`patient_coefficients` the frame may be None."""
         self._check_fitted()
         plan_index = np.arange(N_PLANS) if plan_index is None else np.asarray(plan_index)
         coef = coefficients or self.patient_coefficients(patients)
-        peg = pd.to_numeric(patients[PEG]).to_numpy(dtype=float)[:, None]
+        if coef.get("X") is not None:  # the encoded PEG column: the same numbers, no pandas
+            peg = coef["X"][:, self.encoder_.feature_names_.index(PEG), None]
+        else:
+            peg = pd.to_numeric(patients[PEG]).to_numpy(dtype=float)[:, None]
         ei = coef["baseline"][:, None] + self._plan_effects(coef, patients, plan_index)
         # Improvement is bounded by the scale: peg_12wk ∈ [0, 10].
         ei = np.clip(ei, peg - 10.0, peg)

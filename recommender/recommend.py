@@ -39,7 +39,7 @@ class Ranked:
     safety: SafetyAssessment
     coefficients: dict
     row: int = 0
-    patient: pd.DataFrame | None = None  # recommend_each: this patient's one-row frame
+    patient: pd.DataFrame | None = None  # recommend_each: this patient's one-row frame, if any
 
 
 def recommend(model: PlanOutcomeModel, patients: pd.DataFrame, top_k: int = 5) -> Ranked:
@@ -48,17 +48,18 @@ def recommend(model: PlanOutcomeModel, patients: pd.DataFrame, top_k: int = 5) -
         raise ValueError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
     coef = model.patient_coefficients(patients)
     est = model.predict_plans(patients, coefficients=coef)
-    safety = assess(patients)
+    safety = _assess(model, patients, coef)
     order = rank_plans(est.utility, safety.allowed_plans(), top_k)
     return Ranked(order, est, safety, coef)
 
 
 def recommend_each(
     model: PlanOutcomeModel,
-    patients: pd.DataFrame,
+    patients: pd.DataFrame | None,
     top_k: Sequence[int] | int = 5,
     *,
     singles: Sequence[pd.DataFrame] | None = None,
+    X: np.ndarray | None = None,
 ) -> list[Ranked]:
     """:func:`recommend` for each patient of a validated frame *as if alone*, for the HTTP
     service's micro-batches: ``result[i]`` equals ``recommend(model, patients.iloc[[i]],
@@ -69,9 +70,14 @@ def recommend_each(
     steps are row by row, so each row is what it would be alone. The plan products and the
     ranking, where a matrix product over several rows could round differently than over one,
     run per patient on that patient's one-row slices (``singles[i]``, when the caller has
-    them already, must equal ``patients.iloc[[i]]``).
+    them already, must equal ``patients.iloc[[i]]``; ``X``, when given, must equal
+    ``model.encoder_.transform(patients)``, e.g. ``transform_values`` of the validated
+    records the frame was built from; the frame is then not read and may be None, as the
+    HTTP service passes it).
     """
-    n = len(patients)
+    if patients is None and X is None:
+        raise ValueError("recommend_each needs the patient frame or its encoded matrix X")
+    n = len(patients) if X is None else len(X)
     ks = [top_k] * n if isinstance(top_k, int) else [int(k) for k in top_k]
     if len(ks) != n:
         raise ValueError(f"{len(ks)} top_k values for {n} patients")
@@ -80,12 +86,13 @@ def recommend_each(
             raise ValueError(f"top_k must be between 1 and {MAX_TOP_K}, got {k}")
     if n == 0:
         return []
-    coef = model.patient_coefficients(patients)
-    safety = assess(patients)
+    coef = model.patient_coefficients(patients, X=X)
+    safety = _assess(model, patients, coef)
     allowed = safety.allowed_plans()
     out = []
     for i, k in enumerate(ks):
-        one = patients.iloc[i : i + 1] if singles is None else singles[i]
+        one = singles[i] if singles is not None else (
+            patients.iloc[i : i + 1] if patients is not None else None)
         coef_i = {
             name: value[i : i + 1] if isinstance(value, np.ndarray) else value
             for name, value in coef.items()
@@ -94,6 +101,12 @@ def recommend_each(
         order = rank_plans(est.utility, allowed[i : i + 1], k)
         out.append(Ranked(order, est, safety, coef_i, row=i, patient=one))
     return out
+
+
+def _assess(model: PlanOutcomeModel, patients: pd.DataFrame | None, coef: dict) -> SafetyAssessment:
+    """The safety table, reading the columns the model encoded from its matrix (identical
+    results; the frame is read only for what the encoding lacks)."""
+    return assess(patients, encoded=(coef["X"], model.encoder_.feature_names_))
 
 
 def ranked_rows(ranked: Ranked, patient_ids) -> pd.DataFrame:

@@ -151,9 +151,11 @@ def test_a_batch_answers_each_request_exactly_as_alone(make_api, helpers):
     assert [_same(a) for a in parts] == [_same(a) for a in alone]
 
 
-def test_batched_scoring_matches_recommend_and_explain_plans(make_api, helpers):
+@pytest.mark.parametrize("path", ["frame", "typed values"])
+def test_batched_scoring_matches_recommend_and_explain_plans(make_api, helpers, path):
     """The library level: recommend_each / explain_each give, per patient, exactly what
-    recommend / explain_plans give for that patient's one-row frame."""
+    recommend / explain_plans give for that patient's one-row frame; also when given no
+    frame but the encoding of the validated values (what the service does)."""
     import numpy as np
 
     from features.catalog import PLANS
@@ -162,11 +164,21 @@ def test_batched_scoring_matches_recommend_and_explain_plans(make_api, helpers):
     from recommender.recommend import recommend, recommend_each
 
     model = make_api().model
-    frame = validate_records(_cohort(30, seed=8)).frame
+    checked = validate_records(_cohort(30, seed=8))
+    frame = checked.frame
     ks = [1 + i % 7 for i in range(len(frame))]
-    each = recommend_each(model, frame, ks)
+    if path == "frame":
+        each = recommend_each(model, frame, ks)
+    else:
+        X = model.encoder_.transform_values(checked.values)
+        each = recommend_each(model, None, ks, X=X)
     plans = [[PLANS[j] for j in r.order[0] if j >= 0] for r in each]
-    explained = explain_each(model, frame, plans)
+    if path == "frame":
+        explained = explain_each(model, frame, plans)
+    else:
+        shared = {key: np.concatenate([r.coefficients[key] for r in each])
+                  for key in ("X", "prior")}
+        explained = explain_each(model, None, plans, coefficients=shared)
     for i, (r, k) in enumerate(zip(each, ks, strict=True)):
         one = frame.iloc[[i]].reset_index(drop=True)
         ref = recommend(model, one, k)
@@ -179,6 +191,17 @@ def test_batched_scoring_matches_recommend_and_explain_plans(make_api, helpers):
         assert [r.safety.plan_warnings(r.row, p) for p in plans[i]] == [
             ref.safety.plan_warnings(0, p) for p in plans[i]]
         assert explained[i] == explain_plans(model, one, plans[i])
+
+
+def test_scoring_without_a_frame_needs_the_encoding(make_api):
+    from recommender.explain import explain_each
+    from recommender.recommend import recommend_each
+
+    model = make_api().model
+    with pytest.raises(ValueError, match="frame or its encoded matrix X"):
+        recommend_each(model, None, [5])
+    with pytest.raises(ValueError, match="coefficients with X and prior"):
+        explain_each(model, None, [["pt"]])
 
 
 def test_a_bad_request_fails_only_itself(make_api, helpers):
@@ -246,7 +269,7 @@ def test_a_request_that_breaks_scoring_fails_only_itself(make_api, helpers, monk
     real = api_module.recommend_each
 
     def fragile(model, frame, top_k, **kwargs):
-        if len(frame) > 1 or top_k == [1]:  # the batch, and the top_k=1 request alone
+        if len(top_k) > 1 or top_k == [1]:  # the batch, and the top_k=1 request alone
             raise RuntimeError("scoring bug")
         return real(model, frame, top_k, **kwargs)
 
