@@ -12,9 +12,20 @@ Measured:
 
 1. **CLI, end to end**: ``painplan recommend --patients FILE --out OUT.parquet --top-k 5
    --model models:/painplan/<v>`` in a fresh process (interpreter start, imports, reading,
-   contract validation, model download from the MLflow registry, scoring all 839 plans per
-   patient with the safety floor and ranking, writing the §7 rows), ``--repeats`` times per
-   size, median; stage split from the time stamps of its progress lines.
+   contract validation, loading the model, scoring all 839 plans per patient with the safety
+   floor and ranking, writing the §7 rows), ``--repeats`` times per size, median; stage split
+   from the time stamps of its progress lines. Three ways of loading the model:
+
+   * **cached** (the default): the version is in the local model cache (``training.
+     model_cache``, here ``bench/out/batch/model-cache``): a read-only registry lookup, a
+     SHA-256 check and unpickling, no MLflow import;
+   * **registry** (``--no-model-cache``): resolved and downloaded through MLflow on every run,
+     as before the cache existed;
+   * **first run** (smallest size only): the cache emptied before the run, so the version is
+     downloaded through MLflow and stored in the cache (what the first run after a new
+     champion pays);
+   * with ``--baseline GIT_REF``, also the CLI of that commit (``git archive`` under
+     ``bench/out/batch/``), in the same rounds: a paired before/after.
 2. **In-process stages** on the same file: read, validate, score (``recommend`` per 5000-patient
    chunk, as the CLI does), §7 rows, write Parquet.
 3. **SHAP**: ``recommender.explain.explain_plans`` for each patient's top 5 (what ``POST
@@ -32,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,8 +59,9 @@ RESULTS = BENCH / "results"
 OUT = BENCH / "out" / "batch"
 TOP_K = 5
 GOAL = 2000.0
-STAGES = (("start-up", None), ("read + validate", "validating "),
-          ("load model", "loading model "), ("score + write", "ranked "))
+# Stage → the progress lines that open it (a stage runs until the next stage's first line).
+STAGES = (("start-up", ()), ("read + validate", ("validating ",)),
+          ("load model", ("loading model ",)), ("score + write", ("scoring ", "ranked ")))
 
 
 def patient_file(n: int) -> Path:
@@ -66,22 +79,64 @@ def patient_file(n: int) -> Path:
     return path
 
 
+def cpu_probe(n: int = 5_000_000) -> float:
+    """Seconds for a fixed pure-Python loop: how fast this (shared, virtual) machine is right
+    now. It was seen to vary by 3x within an hour with nothing of ours running."""
+    t = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i
+    return time.perf_counter() - t
+
+
+def import_probe() -> float:
+    """Seconds for a fresh interpreter to import numpy and pandas: the part of every CLI
+    start-up that has nothing to do with painplan (it drifted from 0.4 to 1.8 s on this
+    machine with nothing else running)."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import numpy, pandas"], check=True)
+    return time.perf_counter() - t
+
+
 def _stage_of(line: str) -> str | None:
     text = line.removeprefix("painplan: ")
-    for name, prefix in STAGES:
-        if prefix and text.startswith(prefix):
+    for name, prefixes in STAGES:
+        if text.startswith(prefixes):
             return name
     return None
 
 
-def run_cli(patients: Path, model_uri: str, out: Path) -> dict:
-    """One ``painplan recommend`` run: wall seconds and stage times."""
+MODES = {  # mode → (extra CLI arguments, empty the cache first, label in the table), run order
+    "first": ((), True, "first run of a version (cache empty: download + fill)"),
+    "cached": ((), False, "local model cache (default)"),
+    "registry": (("--no-model-cache",), False, "`--no-model-cache`: MLflow download every run"),
+}
+
+
+def baseline_checkout(ref: str) -> tuple[str, Path]:
+    """The painplan code of git commit ``ref`` (``git archive``), for a paired before/after."""
+    sha = subprocess.run(["git", "rev-parse", "--short=12", ref], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    where = OUT / f"baseline-{sha}"
+    if not (where / "training" / "cli.py").is_file():
+        where.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha], cwd=REPO, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+    return sha, where
+
+
+def run_cli(patients: Path, model_uri: str, out: Path, extra: tuple[str, ...] = (),
+            code: Path | None = None) -> dict:
+    """One ``painplan recommend`` run: wall seconds and stage times. ``code``: run the painplan
+    code in that directory instead of this checkout's."""
     cmd = [sys.executable, "-m", "training.cli", "recommend", "--patients", str(patients),
-           "--out", str(out), "--top-k", str(TOP_K), "--model", model_uri]
+           "--out", str(out), "--top-k", str(TOP_K), "--model", model_uri, *extra]
+    env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
     marks: list[tuple[float, str]] = []
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=code or REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
     def read() -> None:
         for line in proc.stderr:
@@ -204,94 +259,160 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--shap-patients", type=int, default=300)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--baseline", metavar="GIT_REF",
+                        help="also time the CLI of this commit (git archive under bench/out/batch/)"
+                        " in the same rounds: a paired before/after on the same machine state")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(BENCH))
     from bench_servers import use_store
 
     _, model_uri, _, bundle_dir, _ = use_store(args.episodes, args.seed)
+    import pyarrow.parquet as pq
+
     from recommender.artifact import load_bundle
 
     bundle = load_bundle(bundle_dir)
     OUT.mkdir(parents=True, exist_ok=True)
+    cache = OUT / "model-cache"
+    os.environ["PAINPLAN_MODEL_CACHE"] = str(cache)  # inherited by the CLI runs
+    # Every size needs a warm cache for its "cached" runs: the smallest size's "first" run
+    # fills it in each round, and it runs before any other CLI run of that round.
+    args.sizes = sorted(args.sizes)
+    modes = dict(MODES)
+    baseline = None
+    if args.baseline:
+        sha, baseline = baseline_checkout(args.baseline)
+        modes["baseline"] = ((), False, f"code at {sha} (before the model cache)")
     files = {n: patient_file(n) for n in args.sizes}
     loads = [os.getloadavg()[0]]
-    cli: dict[int, list[dict]] = {n: [] for n in args.sizes}
+    probes = [(cpu_probe(), import_probe())]
+    cli: dict[str, dict[int, list[dict]]] = {m: {n: [] for n in args.sizes} for m in modes}
     inproc: dict[int, list[dict]] = {n: [] for n in args.sizes}
+    same_as_baseline: list[bool] = []
     for rnd in range(args.repeats):  # interleaved, so machine load falls on every size alike
         for n in args.sizes:
-            r = run_cli(files[n], model_uri, OUT / f"ranked-{n}.parquet")
-            cli[n].append(r)
-            print(f"[{rnd + 1}/{args.repeats}] CLI n={n}: {r['seconds']:.1f} s = "
-                  f"{n / r['seconds']:,.0f} patients/s; stages "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items()), flush=True)
+            for mode, (extra, empty, _) in modes.items():
+                if mode == "first" and n != min(args.sizes):
+                    continue
+                if empty:
+                    shutil.rmtree(cache, ignore_errors=True)
+                r = run_cli(files[n], model_uri, OUT / f"ranked-{n}-{mode}.parquet", extra,
+                            code=baseline if mode == "baseline" else None)
+                cli[mode][n].append(r)
+                print(f"[{rnd + 1}/{args.repeats}] CLI n={n} {mode}: {r['seconds']:.1f} s = "
+                      f"{n / r['seconds']:,.0f} patients/s; stages "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items()), flush=True)
+            reference = pq.read_table(OUT / f"ranked-{n}-registry.parquet")
+            if not pq.read_table(OUT / f"ranked-{n}-cached.parquet").equals(reference):
+                raise RuntimeError(f"n={n}: the cached model ranked differently from the "
+                                   "registry download")
+            if baseline is not None:
+                same_as_baseline.append(
+                    pq.read_table(OUT / f"ranked-{n}-baseline.parquet").equals(reference))
             t = in_process(files[n], bundle, OUT / f"ranked-inproc-{n}.parquet")
             inproc[n].append(t)
             print(f"[{rnd + 1}/{args.repeats}] in-process n={n}: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in t.items()), flush=True)
         loads.append(os.getloadavg()[0])
+        probes.append((cpu_probe(), import_probe()))
+        print(f"[{rnd + 1}/{args.repeats}] load {loads[-1]:.1f}, CPU probe {probes[-1][0]:.2f} "
+              f"s, import probe {probes[-1][1]:.2f} s", flush=True)
     shap = shap_costs(bundle, files[min(args.sizes)], args.shap_patients)
     print("SHAP:", json.dumps(shap), flush=True)
     loads.append(os.getloadavg()[0])
 
+    def cli_summary(runs: list[dict], n: int) -> dict:
+        wall = statistics.median(r["seconds"] for r in runs)
+        stage_names = sorted({k for r in runs for k in r["stages"]},
+                             key=[s[0] for s in STAGES].index)
+        return {"seconds": wall, "rate": n / wall, "rates": [n / r["seconds"] for r in runs],
+                "stages": {k: statistics.median(r["stages"].get(k, 0.0) for r in runs)
+                           for k in stage_names}}
+
     summary = []
     for n in args.sizes:
-        wall = statistics.median(r["seconds"] for r in cli[n])
-        stage_names = sorted({k for r in cli[n] for k in r["stages"]},
-                             key=[s[0] for s in STAGES].index)
-        stages = {k: statistics.median(r["stages"].get(k, 0.0) for r in cli[n])
-                  for k in stage_names}
+        done = {m: cli_summary(cli[m][n], n) for m in modes if cli[m][n]}
         ip = {k: statistics.median(t[k] for t in inproc[n]) for k in inproc[n][0]}
-        summary.append({"n": n, "cli_seconds": wall, "cli_rate": n / wall,
-                        "cli_rates": [n / r["seconds"] for r in cli[n]],
-                        "cli_stages": stages, "inproc": ip,
+        summary.append({"n": n, "cli": done, "cli_rate": done["cached"]["rate"],
+                        "registry_rate": done["registry"]["rate"], "inproc": ip,
                         "inproc_rate": n / ip["total"],
                         "score_rate": n / ip["score (recommend)"]})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "batch.json").write_text(json.dumps(
-        {"model_uri": model_uri, "loads": loads, "cli": {str(k): v for k, v in cli.items()},
+        {"model_uri": model_uri, "loads": loads, "probes_loop_import_seconds": probes,
+         "baseline": args.baseline, "same_as_baseline": same_as_baseline,
+         "cli": {m: {str(k): v for k, v in runs.items()} for m, runs in cli.items()},
          "inproc": {str(k): v for k, v in inproc.items()}, "summary": summary, "shap": shap},
         indent=1), encoding="utf-8")
-    write_markdown(summary, shap, args, model_uri, loads)
+    write_markdown(summary, shap, args, model_uri, loads, probes, modes, same_as_baseline)
     plot(summary, args)
     return 0
 
 
-def write_markdown(summary, shap, args, model_uri, loads) -> None:
+def write_markdown(summary, shap, args, model_uri, loads, probes, modes,
+                   same_as_baseline) -> None:
     import lightgbm
 
     cmd = (f"/work/venv/bin/python bench/bench_batch.py --sizes "
-           f"{' '.join(map(str, args.sizes))} --repeats {args.repeats}")
+           f"{' '.join(map(str, args.sizes))} --repeats {args.repeats}"
+           + (f" --baseline {args.baseline}" if args.baseline else ""))
     lines = [
         "# Batch scoring: `painplan recommend` and the cost of SHAP",
         "",
         f"`{cmd}` — model `{model_uri}` (trained by `training.pipeline.run` on "
         f"{args.episodes:,} simulated episodes, shared with bench_servers.py); patients = the "
         "§2 profile columns of simulated episodes, Parquet; top-k = 5 of 839 plans, safety "
-        f"floor applied. Medians of {args.repeats} interleaved runs.",
+        f"floor applied. Medians of {args.repeats} interleaved runs. The CLI's model cache "
+        "(`PAINPLAN_MODEL_CACHE`) is `bench/out/batch/model-cache`, emptied before each "
+        "first-run measurement.",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical "
         f"CPUs (shared with other jobs), Python {platform.python_version()}, LightGBM "
         f"{lightgbm.__version__}. 1-minute load average during the runs: "
-        f"{', '.join(f'{x:.1f}' for x in loads)}.",
+        f"{', '.join(f'{x:.1f}' for x in loads)}. This virtual machine's speed drifts (the "
+        "same runs were seen 2-3x slower within an hour with nothing else running), so two "
+        "probes were taken before the runs and after each round: a 5M-iteration Python loop "
+        f"{', '.join(f'{x:.2f}' for x, _ in probes)} s, and a fresh `python -c 'import numpy, "
+        f"pandas'` {', '.join(f'{y:.2f}' for _, y in probes)} s.",
         "",
         "## `painplan recommend`, end to end (fresh process)",
         "",
-        "| patients | wall s | patients/s (min–max) | start-up s | read + validate s | "
-        "load model s | score + write s | goal ≥ 2,000/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| patients | model loading | wall s | patients/s (min–max) | start-up s | "
+        "read + validate s | load model s | score + write s | goal ≥ 2,000/s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in summary:
-        st = r["cli_stages"]
-        lines.append(
-            f"| {r['n']:,} | {r['cli_seconds']:.1f} | {r['cli_rate']:,.0f} "
-            f"({min(r['cli_rates']):,.0f}–{max(r['cli_rates']):,.0f}) | "
-            f"{st.get('start-up', 0):.1f} | {st.get('read + validate', 0):.1f} | "
-            f"{st.get('load model', 0):.1f} | {st.get('score + write', 0):.1f} | "
-            f"**{'met' if r['cli_rate'] >= GOAL else 'NOT met'}** |")
+        for mode in ("cached", "registry", "first", "baseline"):
+            if mode not in r["cli"]:
+                continue
+            c = r["cli"][mode]
+            st = c["stages"]
+            lines.append(
+                f"| {r['n']:,} | {modes[mode][2]} | {c['seconds']:.2f} | {c['rate']:,.0f} "
+                f"({min(c['rates']):,.0f}–{max(c['rates']):,.0f}) | "
+                f"{st.get('start-up', 0):.2f} | {st.get('read + validate', 0):.2f} | "
+                f"{st.get('load model', 0):.2f} | {st.get('score + write', 0):.2f} | "
+                f"**{'met' if c['rate'] >= GOAL else 'NOT met'}** |")
     lines += [
         "",
-        "## The same work in-process (no interpreter start, model already loaded)",
+        "Stages are cut at the CLI's progress lines: *start-up* is interpreter start and "
+        "imports (until `validating`), *read + validate* runs until `loading model`, *load "
+        "model* is resolving the version in the registry plus the cache check and unpickling "
+        "(or the MLflow download) until `scoring`, and *score + write* is everything after, "
+        "including process exit. The cached and registry runs wrote identical Parquet tables "
+        "(checked on every round). Both include the other start-up work of the same change "
+        "(threaded scoring, no simulator import, collector settings); "
+        + (f"the `{args.baseline}` rows are the code before it, run in the same rounds (it "
+           "prints no `scoring` line, so its *load model* runs to the first ranked chunk); its "
+           "output was "
+           + ("identical in every round." if all(same_as_baseline) else "NOT identical.")
+           if args.baseline else "rerun with `--baseline <commit>` for the code before it."),
+    ]
+    lines += [
+        "",
+        "## The same work in-process (no interpreter start, model already loaded, one "
+        "scoring thread)",
         "",
         "| patients | read s | validate s | score (`recommend`) s | §7 rows s | write s | "
         "total s | patients/s | scoring only, patients/s |",
@@ -353,9 +474,12 @@ def plot(summary, args) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     labels = [f"{r['n']:,}" for r in summary]
     x = np.arange(len(summary))
-    ax.bar(x - 0.27, [r["cli_rate"] for r in summary], 0.27, label="CLI end to end")
-    ax.bar(x, [r["inproc_rate"] for r in summary], 0.27, label="in-process (read→write)")
-    ax.bar(x + 0.27, [r["score_rate"] for r in summary], 0.27, label="scoring only")
+    w = 0.2
+    ax.bar(x - 1.5 * w, [r["registry_rate"] for r in summary], w,
+           label="CLI, --no-model-cache (MLflow download)")
+    ax.bar(x - 0.5 * w, [r["cli_rate"] for r in summary], w, label="CLI, model cache (default)")
+    ax.bar(x + 0.5 * w, [r["inproc_rate"] for r in summary], w, label="in-process (read→write)")
+    ax.bar(x + 1.5 * w, [r["score_rate"] for r in summary], w, label="scoring only")
     ax.axhline(GOAL, color="tab:red", ls=":", label="goal 2,000/s")
     ax.set_xticks(x, labels)
     ax.set(xlabel="patients", ylabel="patients / s", title="painplan recommend (top 5)")

@@ -16,13 +16,22 @@ Memory per scored chunk is dominated by the (rows × 839 plans) float64 arrays o
 partition adds only its own input rows (~1 kB per patient) and its output (``top_k`` rows per
 patient).
 
+The single-process engine scores each chunk with :func:`scoring_threads` threads (2 by
+default on a machine with 2 or more CPUs), each ranking an equal slice of the chunk: NumPy and
+LightGBM release the GIL for their heavy work, so the slices run on separate cores, and the
+live memory stays that of one chunk. Every patient is ranked independently, so the rows are
+bit-identical whatever the number of threads or the chunk size. Dask workers score with one
+thread per task (Dask already runs tasks in parallel).
+
 Nothing here imports Dask or MLflow: Dask workers import this module to score.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +47,30 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 5000  # patients per scoring block: 5000 × 839 plans × 7 estimates ≈ 235 MB peak
 PARTITION_ROWS = 20_000  # default upper bound of patients per Dask partition (see module doc)
 BYTES_PER_PATIENT_PLAN = 8 * 7  # float64 × ~7 live (patients × plans) arrays while ranking
+THREADS_ENV = "PAINPLAN_SCORING_THREADS"
+DEFAULT_THREADS = 2  # more threads would cut a chunk into slices too small to pay off
+
+
+def scoring_threads() -> int:
+    """Threads the single-process engine scores a chunk with: ``PAINPLAN_SCORING_THREADS``
+    when set (1 turns threading off), else 2 when this process may use 2 or more CPUs."""
+    from features.errors import ConfigError
+
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if text:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"{THREADS_ENV}={text!r} must be a whole number of threads, 1 or "
+                              f"more (1 scores in one thread); unset it for the default")
+        return value
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(DEFAULT_THREADS, cpus))
 
 
 def chunk_bytes(rows: int, n_plans: int = 839) -> int:
@@ -57,15 +90,35 @@ def rank_block(model, patients: pd.DataFrame, *, top_k: int) -> pd.DataFrame:
 
 
 def iter_ranked(
-    model, patients: pd.DataFrame, *, top_k: int, chunk_size: int = CHUNK_SIZE
+    model, patients: pd.DataFrame, *, top_k: int, chunk_size: int = CHUNK_SIZE, threads: int = 1
 ) -> Iterator[tuple[int, pd.DataFrame]]:
-    """Yield ``(patients done so far, §7 rows)`` per block of ``chunk_size`` patients."""
+    """Yield ``(patients done so far, §7 rows)`` per block of ``chunk_size`` patients.
+
+    With ``threads`` > 1 each block is cut into that many equal slices, ranked concurrently
+    and put back in order: the same rows, with the memory of one block.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     n = len(patients)
-    for start in range(0, n, chunk_size):
-        block = patients.iloc[start : start + chunk_size]
-        yield min(start + chunk_size, n), rank_block(model, block, top_k=top_k)
+    if threads == 1:
+        for start in range(0, n, chunk_size):
+            block = patients.iloc[start : start + chunk_size]
+            yield min(start + chunk_size, n), rank_block(model, block, top_k=top_k)
+        return
+
+    def rank(piece: pd.DataFrame) -> pd.DataFrame:
+        return rank_block(model, piece, top_k=top_k)
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="painplan-score") as pool:
+        for start in range(0, n, chunk_size):
+            block = patients.iloc[start : start + chunk_size]
+            step = -(-len(block) // threads)  # ceil: at most `threads` slices
+            slices = [block.iloc[i : i + step] for i in range(0, len(block), step)]
+            parts = list(pool.map(rank, slices))
+            rows = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+            yield min(start + chunk_size, n), rows
 
 
 def empty_ranked() -> pd.DataFrame:

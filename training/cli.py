@@ -8,6 +8,7 @@ one-paragraph message and a non-zero exit code (tracebacks only with ``--debug``
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -163,6 +164,13 @@ def _recommend_parser(p: argparse.ArgumentParser) -> None:
                         "model bundle directory")
     p.add_argument("--model-name", metavar="NAME", default="painplan",
                    help="registered model whose champion is the default (default: painplan)")
+    p.add_argument("--no-model-cache", dest="model_cache", action="store_false",
+                   help="download the model from the MLflow registry instead of using the local "
+                        "model cache. Registered versions are cached, verified by SHA-256 "
+                        "against the registry on every run, in $PAINPLAN_MODEL_CACHE (default "
+                        "$PAINPLAN_HOME/model-cache, i.e. ./.painplan/model-cache); aliases such "
+                        "as @champion are resolved by the registry every time. Clear the cache "
+                        "by deleting that directory; PAINPLAN_MODEL_CACHE=off turns it off")
     _engine_options(p, "scoring")
     p.add_argument("--partition-rows", type=int, metavar="N",
                    help="with --engine dask: at most N patients per partition (default: 20000; "
@@ -171,7 +179,17 @@ def _recommend_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _recommend(args: argparse.Namespace) -> int:
-    from training.pipeline import recommend_file
+    # Start-up cost of a batch run (issue #7). Importing pandas, pyarrow, LightGBM, sklearn and
+    # SciPy creates about a million long-lived objects and no garbage, and CPython 3.11's cyclic
+    # collector walks them again and again while they are imported (~0.3 s); so collect nothing
+    # during the imports, then move what they created to the permanent generation, where
+    # neither later collections nor the collections of interpreter exit walk it.
+    gc.disable()
+    try:
+        from training.pipeline import recommend_file
+    finally:
+        gc.freeze()
+        gc.enable()
 
     if args.partition_rows is not None and args.engine != "dask":
         raise ConfigError("--partition-rows applies to --engine dask only; add --engine dask or "
@@ -183,11 +201,14 @@ def _recommend(args: argparse.Namespace) -> int:
         rows = PARTITION_ROWS if args.partition_rows is None else args.partition_rows
         n = recommend_dataset(args.patients, args.out, model=args.model, top_k=args.top_k,
                               model_name=args.model_name, scheduler=args.scheduler,
-                              partition_rows=rows, progress=_stage)
+                              partition_rows=rows, progress=_stage,
+                              use_model_cache=args.model_cache)
     else:
         n = recommend_file(args.patients, args.out, model=args.model, top_k=args.top_k,
-                           model_name=args.model_name, progress=_stage, scheduler=args.scheduler)
+                           model_name=args.model_name, progress=_stage, scheduler=args.scheduler,
+                           use_model_cache=args.model_cache)
     print(f"{args.out}: {n} ranked plan row(s) written")
+    gc.freeze()  # the output is complete: spare the exit collections (~0.4 s) the model etc.
     return 0
 
 
@@ -302,7 +323,10 @@ _HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``painplan`` parser. ``only``: build just that command's options (the others are
+    listed by name and help but left empty), so running one command does not import the
+    modules that define another's options (``simulate``/``demo`` pull in the simulator)."""
     parser = argparse.ArgumentParser(
         prog="painplan",
         description="Personalised, safety-gated chronic-pain treatment plans: simulate, validate, "
@@ -311,12 +335,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, add in _COMMANDS.items():
-        add(sub.add_parser(name, help=_HELP.get(name, ""), description=_HELP.get(name, "")))
+        command_parser = sub.add_parser(name, help=_HELP.get(name, ""),
+                                        description=_HELP.get(name, ""))
+        if only is None or name == only:
+            add(command_parser)
     return parser
 
 
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The command named on the command line, when it is a known one (else None: the full
+    parser is built and argparse reports the problem as usual)."""
+    for token in argv:
+        if token == "--":
+            return None
+        if not token.startswith("-"):
+            return token if token in _COMMANDS else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_chosen_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

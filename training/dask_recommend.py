@@ -135,6 +135,7 @@ def recommend_dataset(
     partition_rows: int = batch.PARTITION_ROWS,
     scheduler: str | None = None,
     progress: Callable[[str], None] | None = None,
+    use_model_cache: bool = True,
 ) -> int:
     """Rank plans for every patient of a dataset on Dask; write a Parquet dataset directory.
 
@@ -169,7 +170,8 @@ def recommend_dataset(
         f"{len(pieces)} partition(s) of at most {partition_rows} patients"
         + (f" ({known} patients in Parquet)" if known else "")
     )
-    bundle = load_scoring_model(model, model_name=model_name, progress=say)
+    bundle = load_scoring_model(model, model_name=model_name, progress=say,
+                                use_model_cache=use_model_cache)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{secrets.token_hex(4)}")

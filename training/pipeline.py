@@ -380,12 +380,25 @@ CHUNK_SIZE = _batch.CHUNK_SIZE  # patients per scoring block (memory formula in 
 
 
 def load_scoring_model(model: str | None, *, model_name: str = "painplan",
-                       progress: Progress | None = None) -> ModelBundle:
+                       progress: Progress | None = None,
+                       use_model_cache: bool = True) -> ModelBundle:
     """The bundle ``painplan recommend`` scores with (both engines): a registry/run URI or a
-    local bundle directory; the registered champion by default."""
+    local bundle directory; the registered champion by default.
+
+    Registered versions (``models:/<name>/<N>``, and aliases once the registry has resolved
+    them) go through the local, verified model cache (:mod:`training.model_cache`) unless
+    ``use_model_cache`` is false or ``PAINPLAN_MODEL_CACHE=off``; a cached version is loaded
+    without importing MLflow.
+    """
     from training.register import load_bundle_from_uri, resolve_model_uri
 
     uri = resolve_model_uri(model, model_name=model_name)
+    if use_model_cache:
+        from training.model_cache import cache_dir, load_registered, parse_models_uri
+
+        ref, root = parse_models_uri(uri), cache_dir()
+        if ref is not None and root is not None:
+            return load_registered(uri, ref, root, progress=progress)
     if uri.startswith(("models:/", "runs:/")):
         from training.tracking import configure_tracking
 
@@ -405,6 +418,7 @@ def recommend_file(
     progress: Progress | None = None,
     engine: Engine = "local",
     scheduler: str | None = None,
+    use_model_cache: bool = True,
 ) -> int:
     """Rank plans for every patient in a §2 file (or directory of files) and write §7 rows;
     returns rows written.
@@ -426,7 +440,8 @@ def recommend_file(
 
         return recommend_dataset(patients_path, out_path, model=model, top_k=top_k,
                                  model_name=model_name, chunk_size=chunk_size,
-                                 scheduler=scheduler, progress=progress)
+                                 scheduler=scheduler, progress=progress,
+                                 use_model_cache=use_model_cache)
     _check_engine(engine, scheduler)
     say = progress or log.info
     if not 1 <= int(top_k) <= MAX_TOP_K:
@@ -438,18 +453,22 @@ def recommend_file(
             f"--out {out_path.name}: unsupported file type {suffix or '(none)'!r}; write "
             ".csv or .parquet (or use --engine dask to write a directory of Parquet partitions)"
         )
+    threads = _batch.scoring_threads()  # a bad PAINPLAN_SCORING_THREADS fails before any work
     say(f"validating {patients_path}")
     patients = validate(_batch.read_dataset(patients_path), "patients").frame
-    bundle = load_scoring_model(model, model_name=model_name, progress=say)
+    bundle = load_scoring_model(model, model_name=model_name, progress=say,
+                                use_model_cache=use_model_cache)
+    n = len(patients)
+    say(f"scoring {n} patients in blocks of {chunk_size}"
+        + (f", {threads} threads per block" if threads > 1 else ""))
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.partial")
     writer = None
     written = 0
-    n = len(patients)
     try:
         for done, rows in _batch.iter_ranked(bundle.model, patients, top_k=top_k,
-                                             chunk_size=chunk_size):
+                                             chunk_size=chunk_size, threads=threads):
             if suffix == ".csv":
                 first = done <= chunk_size
                 rows.to_csv(tmp, mode="w" if first else "a", header=first, index=False)

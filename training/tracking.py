@@ -8,6 +8,9 @@ current directory, so a fresh checkout is self-contained and ``.gitignore``'d)::
         mlartifacts/<experiment>/         artifact root of each experiment painplan creates
             <run_id>/artifacts/...        run artifacts (model card, tables, SHAP, …)
             models/<model_id>/artifacts/  logged models (MLflow 3 LoggedModel)
+        model-cache/                      verified copies of registered versions for
+                                          'painplan recommend' (training.model_cache; safe
+                                          to delete, PAINPLAN_MODEL_CACHE moves or disables it)
 
 Environment:
 
@@ -77,6 +80,24 @@ def is_server_uri(uri: str) -> bool:
     return _scheme(uri) in _SERVER_SCHEMES
 
 
+def tracking_uri() -> str:
+    """The store :func:`configure_tracking` would use, without importing MLflow or creating
+    anything: ``MLFLOW_TRACKING_URI`` when set (a file store is refused), else the SQLite
+    store under :func:`painplan_home`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        return default_tracking_uri()
+    if _scheme(uri) in ("", "file"):
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI={uri!r} names a file store, which MLflow 3 no longer "
+            "supports by default. Use a database URI such as "
+            f"'sqlite:///{(painplan_home() / DB_FILE).as_posix()}' or "
+            "'postgresql+psycopg://user@host:5432/db', or unset the variable to use "
+            f"painplan's default store under {HOME_ENV} (./{DEFAULT_HOME})."
+        )
+    return uri
+
+
 def configure_tracking() -> str:
     """Point MLflow (tracking and registry) at the configured store and return its URI.
 
@@ -85,16 +106,8 @@ def configure_tracking() -> str:
     """
     import mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if uri:
-        if _scheme(uri) in ("", "file"):
-            raise ConfigError(
-                f"MLFLOW_TRACKING_URI={uri!r} names a file store, which MLflow 3 no longer "
-                "supports by default. Use a database URI such as "
-                f"'sqlite:///{(painplan_home() / DB_FILE).as_posix()}' or "
-                "'postgresql+psycopg://user@host:5432/db', or unset the variable to use "
-                f"painplan's default store under {HOME_ENV} (./{DEFAULT_HOME})."
-            )
+    uri = tracking_uri()
+    if os.environ.get("MLFLOW_TRACKING_URI", "").strip():
         source = "MLFLOW_TRACKING_URI"
     else:
         home = painplan_home()
