@@ -503,10 +503,8 @@ class PlanOutcomeModel(BaseEstimator):
         self._check_fitted()
         plan_index = np.arange(N_PLANS) if plan_index is None else np.asarray(plan_index)
         coef = coefficients or self.patient_coefficients(patients)
-        if coef.get("X") is not None:  # the encoded PEG column: the same numbers, no pandas
-            peg = coef["X"][:, self.encoder_.feature_names_.index(PEG), None]
-        else:
-            peg = pd.to_numeric(patients[PEG]).to_numpy(dtype=float)[:, None]
+        # the encoded PEG column (patient_coefficients always returns X): no pandas
+        peg = coef["X"][:, self.encoder_.feature_names_.index(PEG), None]
         ei = coef["baseline"][:, None] + self._plan_effects(coef, patients, plan_index)
         # Improvement is bounded by the scale: peg_12wk ∈ [0, 10].
         ei = np.clip(ei, peg - 10.0, peg)
