@@ -55,6 +55,7 @@ from features.schema import (
     PROPENSITY,
     START_DATE,
 )
+from recommender.wal_checkpoint import CHECKPOINTER
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,9 @@ class AuditStore:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
+            # Checkpoints run in a background thread (recommender.wal_checkpoint), not in
+            # whichever commit crosses 1000 pages: that commit's answer waited for them.
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
             cursor.close()
 
         return engine
@@ -275,7 +279,22 @@ class AuditStore:
     def close(self) -> None:
         """Release connections; the store refuses every call afterwards."""
         self._closed = True
-        self._engine.dispose()
+        CHECKPOINTER.forget(self)
+        self._engine.dispose()  # the last connection to close checkpoints what is left
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Copy the SQLite write-ahead log into the database file without blocking writers
+        (``PRAGMA wal_checkpoint(PASSIVE)``): (busy, pages in the log, pages copied).
+        Run by :data:`recommender.wal_checkpoint.CHECKPOINTER`; a no-op on other databases."""
+        if self._closed or self._engine.dialect.name != "sqlite":
+            return (0, 0, 0)
+        with self._engine.connect() as conn:
+            busy, frames, copied = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+        return int(busy), int(frames), int(copied)
+
+    def _written(self) -> None:
+        if self._engine.dialect.name == "sqlite":
+            CHECKPOINTER.written(self)
 
     def _connect(self):
         if self._closed:
@@ -310,6 +329,7 @@ class AuditStore:
                 conn.execute(_INSERT_REQUEST, params[0] if len(params) == 1 else params)
         except SQLAlchemyError as err:
             raise self._unavailable("write to", err) from err
+        self._written()
 
     def record_outcome(
         self, *, request_id: str, plan: str, peg_12wk: float, adverse_event: bool
@@ -328,6 +348,7 @@ class AuditStore:
                 conn.execute(sa.insert(OUTCOMES).values(**row))
         except SQLAlchemyError as err:
             raise self._unavailable("write to", err) from err
+        self._written()
         return row
 
     # ----------------------------------------------------------------------- reading

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import shutil
@@ -74,6 +75,7 @@ from recommender.artifact import METADATA_FILE, load_bundle
 from recommender.audit import AuditStore, AuditUnavailable
 from recommender.batching import MicroBatcher
 from recommender.cds_routes import create_cds_app
+from recommender.cpu_affinity import pin_process
 from recommender.safety import RULESET_VERSION
 from recommender.settings import ServiceConfig, default_bentoml_home
 from recommender.web import UI_PATH, ui_app  # clinician/auditor pages (/ui)
@@ -270,6 +272,15 @@ def _error(
     )
 
 
+def _render(answer: dict) -> bytes:
+    """The JSON body of an answer, exactly as Starlette's JSONResponse renders it, but in
+    the worker thread that computed the answer: the event loop then only sends bytes, and
+    keeps serving other connections meanwhile."""
+    return json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+        "utf-8"
+    )
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or sent)."""
     too_large = InvalidRequest(
@@ -436,8 +447,11 @@ class PainPlan:
         self.api = PainPlanAPI(served, store, config)
         self._limiter: anyio.CapacityLimiter | None = None
         self._batcher: MicroBatcher | None = None
-        if bentoml.server_context.worker_index is not None:  # a `bentoml serve` worker
+        worker = bentoml.server_context.worker_index
+        if worker is not None:  # a `bentoml serve` worker
             _exit_with_arbiter()
+            if config.cpu_affinity:
+                log.info("worker %d pinned to CPU %s", worker, pin_process(worker))
         _freeze_startup_objects()
         log.info(
             "serving %s version %s (%s, MLflow run %s); audit store %r",
@@ -451,9 +465,15 @@ class PainPlan:
     def __is_ready__(self) -> bool:
         return True  # the model was loaded and verified in __init__
 
+    def _recommend_rendered(self, bodies: list[bytes]) -> list:
+        return [
+            a if isinstance(a, BaseException) else _render(a)
+            for a in self.api.recommend_many(bodies)
+        ]
+
     async def _run_batch(self, bodies: list[bytes]) -> list:
         return await anyio.to_thread.run_sync(
-            self.api.recommend_many, bodies, limiter=self._limiter
+            self._recommend_rendered, bodies, limiter=self._limiter
         )
 
     async def answer(
@@ -465,7 +485,8 @@ class PainPlan:
         extract: Extract,
         ok: int,
     ) -> Response:
-        """Check the key, read the input, compute in a worker thread, map errors.
+        """Check the key, read the input, compute and render the answer in a worker thread,
+        map errors.
 
         ``work=None`` (``POST /recommend``): the body joins the micro-batcher, which runs
         at most one batch at a time in a worker thread (docs/serving.md)."""
@@ -482,7 +503,7 @@ class PainPlan:
                 answer = await self._batcher.submit(data)
             else:
                 answer = await anyio.to_thread.run_sync(
-                    work, self.api, data, limiter=self._limiter
+                    lambda: _render(work(self.api, data)), limiter=self._limiter
                 )
             spent = 1000 * (time.perf_counter() - started)
         except AccessDenied as err:
@@ -508,8 +529,11 @@ class PainPlan:
             )
         # Server-Timing lets a client (and bench/bench_serving.py) split its latency into the
         # painplan work (queueing for a thread included) and everything around it.
-        return JSONResponse(
-            answer, status_code=ok, headers={"Server-Timing": f"app;dur={spent:.1f}"}
+        return Response(
+            answer,
+            status_code=ok,
+            media_type="application/json",
+            headers={"Server-Timing": f"app;dur={spent:.1f}"},
         )
 
 

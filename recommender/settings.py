@@ -21,6 +21,8 @@ variable                   meaning (default)
                            them runs ``/recommend``'s micro-batches, one batch at a time
 ``PAINPLAN_MAX_BATCH``     most ``/recommend`` requests answered as one micro-batch (32; 1
                            turns batching off); see docs/serving.md
+``PAINPLAN_CPU_AFFINITY``  ``on``: pin worker k to the k-th CPU (``off``); for a machine given
+                           to painplan, see :mod:`recommender.cpu_affinity`
 =========================  ====================================================================
 """
 
@@ -46,6 +48,7 @@ DEMO_ENV = "PAINPLAN_DEMO"
 MAX_BODY_ENV = "PAINPLAN_MAX_BODY_BYTES"
 THREADS_ENV = "PAINPLAN_THREADS"
 MAX_BATCH_ENV = "PAINPLAN_MAX_BATCH"
+CPU_AFFINITY_ENV = "PAINPLAN_CPU_AFFINITY"
 DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 MIN_HMAC_KEY_LENGTH = 32  # characters; a pseudonym is only as strong as its key
@@ -80,6 +83,15 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _switch(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip()
+    if raw.lower() in ("on", "1", "true", "yes"):
+        return True
+    if raw.lower() in ("", "off", "0", "false", "no"):
+        return False
+    raise ConfigError(f"{name}={raw!r} must be 'on' or 'off'; fix or unset it.")
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Everything the service reads from its environment, checked once at start-up."""
@@ -91,6 +103,7 @@ class ServiceConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     threads: int = 2
     max_batch: int = DEFAULT_MAX_BATCH
+    cpu_affinity: bool = False
     demo: bool = False
 
     @classmethod
@@ -128,5 +141,6 @@ class ServiceConfig:
             max_body_bytes=_positive_int(environ, MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES),
             threads=_positive_int(environ, THREADS_ENV, 2),
             max_batch=_positive_int(environ, MAX_BATCH_ENV, DEFAULT_MAX_BATCH),
+            cpu_affinity=_switch(environ, CPU_AFFINITY_ENV),
             demo=demo,
         )

@@ -5,7 +5,11 @@ BentoML store is verified and idempotent."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ import pytest
 from features.errors import ConfigError, IncompatibleModel, ModelError, ModelNotFound
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _copy_model(served, version: str) -> str:
@@ -118,6 +123,7 @@ def test_import_refuses_a_damaged_bundle(served, tmp_path):
         ({"PAINPLAN_HMAC_KEY": "short"}, "at least 32"),
         ({"PAINPLAN_MAX_BODY_BYTES": "lots"}, "positive whole number"),
         ({"PAINPLAN_API_KEYS_FILE": "/nonexistent/keys"}, "cannot be read"),
+        ({"PAINPLAN_CPU_AFFINITY": "maybe"}, "PAINPLAN_CPU_AFFINITY='maybe' must be 'on' or 'off'"),
     ],
 )
 def test_configuration_errors_refuse_start(service_env, env, match, tmp_path):
@@ -126,6 +132,53 @@ def test_configuration_errors_refuse_start(service_env, env, match, tmp_path):
     with pytest.raises(ConfigError, match=match) as err:
         ServiceConfig.from_env(service_env(f"sqlite:///{tmp_path}/a.db", **env))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "on"), [(None, False), ("on", True), ("ON ", True), ("1", True), ("off", False)]
+)
+def test_cpu_affinity_is_off_unless_asked_for(service_env, tmp_path, value, on):
+    from recommender.settings import ServiceConfig
+
+    env = service_env(f"sqlite:///{tmp_path}/a.db")
+    if value is not None:
+        env["PAINPLAN_CPU_AFFINITY"] = value
+    assert ServiceConfig.from_env(env).cpu_affinity is on
+
+
+def test_worker_cpu_is_round_robin_over_the_allowed_cpus():
+    from recommender.cpu_affinity import worker_cpu
+
+    assert [worker_cpu(k, {4, 2, 7}) for k in (1, 2, 3, 4)] == [2, 4, 7, 2]
+    with pytest.raises(ValueError, match="worker_index must be >= 1"):
+        worker_cpu(0, {0, 1})
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="per-thread affinity is Linux's")
+def test_pin_process_pins_every_thread_and_the_ones_started_later():
+    # In a child process, so this test run's own threads stay where they are.
+    code = textwrap.dedent(
+        '''
+        import os, threading, time
+        from recommender.cpu_affinity import pin_process
+        stop = threading.Event()
+        early = threading.Thread(target=stop.wait, daemon=True)
+        early.start()
+        cpu = pin_process(2)
+        late = threading.Thread(target=stop.wait, daemon=True)
+        late.start()
+        for tid in os.listdir("/proc/self/task"):
+            assert os.sched_getaffinity(int(tid)) == {cpu}, (tid, os.sched_getaffinity(int(tid)))
+        print(cpu, len(os.listdir("/proc/self/task")))
+        '''
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    cpu, threads = map(int, done.stdout.split())
+    allowed = sorted(os.sched_getaffinity(0))
+    assert cpu == allowed[1 % len(allowed)] and threads >= 3
 
 
 def test_demo_mode_generates_an_hmac_key_and_keys_file_is_read(service_env, tmp_path):
