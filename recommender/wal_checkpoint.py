@@ -2,8 +2,8 @@
 
 In WAL mode SQLite appends each commit to ``audit.db-wal``; a *checkpoint* copies those
 pages back into ``audit.db`` and fsyncs it. By default the commit that takes the log past
-1000 pages runs that checkpoint itself, so one request in every ~200 (an audit record is
-~20 kB) waited for megabytes to be copied and synced: measured as the p99 of ``/recommend``
+1000 pages runs that checkpoint itself, so one request in every ~400 (an audit record is
+~10 kB) waited for megabytes to be copied and synced: measured as the p99 of ``/recommend``
 under load (docs/serving.md). The audit store turns that off (``PRAGMA wal_autocheckpoint=0``)
 and asks this module instead: one daemon thread per process checkpoints every SQLite store
 that was written since its last pass, about once a second, in ``PASSIVE`` mode, which never
