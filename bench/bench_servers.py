@@ -980,7 +980,7 @@ def write_markdown(summary, args, tag, model_uri, loads) -> None:
         f"warm-up per HTTP measurement). {generator} {pinning}",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs "
-        f"(shared with other jobs), Python {platform.python_version()}, BentoML "
+        f"(a VM on a shared host), Python {platform.python_version()}, BentoML "
         f"{version('bentoml')}, MLflow {version('mlflow')}, LightGBM {lightgbm.__version__}. "
         f"1-minute load average at the start/end of each round: "
         f"{', '.join(f'{x:.1f}' for x in loads)} (client and servers share the "
