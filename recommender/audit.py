@@ -242,9 +242,10 @@ class AuditStore:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            # Checkpoints run in a background thread (recommender.wal_checkpoint), not in
-            # whichever commit crosses 1000 pages: that commit's answer waited for them.
-            cursor.execute("PRAGMA wal_autocheckpoint=0")
+            # SQLite's automatic checkpoint (in the commit that takes the log past 1000
+            # pages) stays on: it is what lets the log start again under steady writes.
+            # recommender.wal_checkpoint copies most pages in the background beforehand,
+            # so that commit has little left to copy.
             cursor.close()
 
         return engine

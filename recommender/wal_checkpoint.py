@@ -1,14 +1,20 @@
-"""Checkpointing SQLite's write-ahead log off the request path.
+"""Checkpointing SQLite's write-ahead log mostly off the request path.
 
 In WAL mode SQLite appends each commit to ``audit.db-wal``; a *checkpoint* copies those
-pages back into ``audit.db`` and fsyncs it. By default the commit that takes the log past
-1000 pages runs that checkpoint itself, so one request in every ~400 (an audit record is
-~10 kB) waited for megabytes to be copied and synced: measured as the p99 of ``/recommend``
-under load (docs/serving.md). The audit store turns that off (``PRAGMA wal_autocheckpoint=0``)
-and asks this module instead: one daemon thread per process checkpoints every SQLite store
-that was written since its last pass, about once a second, in ``PASSIVE`` mode, which never
-blocks a writer (commits go on appending while pages are copied). Durability is unchanged:
-a commit is on disk when it returns (``synchronous=FULL``), in the log until it is copied.
+pages back into ``audit.db`` and fsyncs it. SQLite runs one automatically inside the commit
+that takes the log past 1000 pages, and alone that commit copied and synced ~4 MB (an audit
+record is ~10 kB, so one request in ~400): measured as the p99 of ``/recommend`` under load
+(bench/results/servers.md).
+
+The automatic checkpoint must stay, though: only a checkpoint that finds no newer frames can
+let the log start again from its beginning, and under a steady stream of commits a
+checkpoint running beside the writer almost never does (the log grew past 100 MB in a
+benchmark when it was turned off). So both run: one daemon thread per process checkpoints
+every written SQLite store four times a second in ``PASSIVE`` mode, which never blocks a
+writer, and copies nearly all pages off the request path; the automatic checkpoint in the
+1000-page commit then has only what arrived since that pass to copy, and restarts the log.
+Durability is unchanged: a commit is on disk when it returns (``synchronous=FULL``), in the
+log until it is copied.
 
 If the process dies, nothing is lost: the next connection to the database finds the log and
 the next checkpoint copies it; SQLite also checkpoints when the last connection closes.
@@ -25,7 +31,7 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 
-INTERVAL_S = 1.0  # how often a written store is checkpointed
+INTERVAL_S = 0.25  # how often a written store is checkpointed
 
 
 class Checkpointable(Protocol):
