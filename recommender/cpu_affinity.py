@@ -3,9 +3,9 @@
 A worker answers ``/recommend`` with two threads: the event loop (HTTP) and the thread that
 scores the micro-batch. Left to the scheduler, the two often sit on different cores, so
 every request crosses cores twice (hand-off and answer) and the scoring runs with caches the
-other core warmed. On the 2-CPU bench machine that cost ~1 ms per request at concurrency 1
-(bench/results/servers.md); pinned, throughput was unchanged, because one worker's Python
-runs one thread at a time anyway (the GIL). So on a machine given to painplan, pin worker k
+other core warmed. On the 2-CPU bench machine that cost 0.7–1 ms per request at
+concurrency 1 (bench/results/servers.md); pinned, throughput was the same or higher, because
+one worker's Python runs one thread at a time anyway (the GIL). So on a machine given to painplan, pin worker k
 to the k-th CPU it may use; on a shared host, where other processes may be pinned to the
 same CPUs, leave it off (the default).
 """
