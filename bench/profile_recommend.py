@@ -84,12 +84,12 @@ def main(argv=None) -> int:
         return (bodies + bodies)[start:start + k]
 
     parsed = [parse_recommend_many(batch(i)) for i in range(n)]
-    values = [[item.profile for item in items] for _, items in parsed]
+    values = [[item.profile for item in items] for items in parsed]
     encoded = [model.encoder_.transform_values(v) for v in values]
     names = model.encoder_.feature_names_
     scored = [api._score_values(values[i], [TOP_K] * k) for i in range(n)]
     records = [[api._answer(item, s, utc_now(), None)[1] for item, s in zip(items, sc, strict=True)]
-               for (_, items), sc in zip(parsed, scored, strict=True)]
+               for items, sc in zip(parsed, scored, strict=True)]
     print(f"model {tag}; batches of {k}; 1-minute load average {os.getloadavg()[0]:.1f}")
     whole = cpu_ms(lambda i: api.recommend_many(batch(i)), args.requests)
     print(f"PainPlanAPI.recommend_many: {whole:.2f} ms CPU per batch, {whole / k:.2f} per answer")
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                 lambda i: model.patient_coefficients(None, X=encoded[i % n]),
             "answers and audit records (PainPlanAPI._answer)": lambda i: [
                 api._answer(it, s, utc_now(), None)
-                for it, s in zip(parsed[i % n][1], scored[i % n], strict=True)],
+                for it, s in zip(parsed[i % n], scored[i % n], strict=True)],
             "audit commit (AuditStore.record_requests)": commit,
         }
         for name, fn in stages.items():

@@ -155,7 +155,7 @@ class PainPlanAPI:
                     continue
             plain.append(body)
             slots.append(i)
-        _, items = parse_recommend_many(plain)
+        items = parse_recommend_many(plain)
         todo: list[tuple[int, RecommendInput]] = []
         for i, item in zip(slots, items, strict=True):
             if isinstance(item, InvalidRequest):

@@ -46,7 +46,7 @@ from pydantic.json_schema import models_json_schema
 from features.catalog import COMPONENT_CODES, parse_plan
 from features.errors import ContractError, PainplanError, PlanError
 from features.schema import COLUMNS_BY_NAME, PATIENT_ID, Column, columns_for
-from features.validate import RecordsValidated, typed_frame, validate_records
+from features.validate import typed_frame, validate_records
 from recommender.recommend import MAX_TOP_K
 
 DEFAULT_TOP_K = 5
@@ -466,7 +466,6 @@ class PatientRequest:
 @dataclass
 class RecommendInput(PatientRequest):
     top_k: int = DEFAULT_TOP_K
-    row: int = 0  # the patient's row in its batch's frame (parse_recommend_many)
 
 
 @dataclass
@@ -491,7 +490,7 @@ def _plain(value: Any) -> Any:
 
 def parse_recommend(body: bytes) -> RecommendInput:
     """One ``POST /recommend`` body; raises :class:`InvalidRequest` naming every problem."""
-    _frame, (item,) = parse_recommend_many([body])
+    (item,) = parse_recommend_many([body])
     if isinstance(item, InvalidRequest):
         raise item
     item.frame()
@@ -500,15 +499,13 @@ def parse_recommend(body: bytes) -> RecommendInput:
 
 def parse_recommend_many(
     bodies: Sequence[bytes],
-) -> tuple[RecordsValidated, list[RecommendInput | InvalidRequest]]:
+) -> list[RecommendInput | InvalidRequest]:
     """Several ``POST /recommend`` bodies, each judged on its own exactly as
     :func:`parse_recommend` would (same answer, same 400 body), validated together.
 
-    Returns the validated records (their ``frame`` of the accepted patients is built on
-    first use) and, per body, either its :class:`RecommendInput` (``row`` = its row in that
-    frame, ``profile`` its typed values; ``patient`` is None until ``frame()`` builds it) or
-    its :class:`InvalidRequest`. The service encodes the typed values directly and never
-    builds a frame.
+    Returns, per body, either its :class:`RecommendInput` (``profile`` its typed values;
+    ``patient`` is None until ``frame()`` builds it) or its :class:`InvalidRequest`. The
+    service encodes the typed values directly and never builds a frame.
     """
     pending: list[InvalidRequest | tuple[dict, list[dict], int | None]] = []
     records: list[dict] = []
@@ -532,13 +529,9 @@ def parse_recommend_many(
             items.append(entry)
             continue
         data, problems, slot = entry
-        row = None
-        if slot is not None:
-            if checked.errors[slot] is not None:
-                problems.extend(_contract_violations(checked.errors[slot], "patient"))
-            else:
-                row = checked.rows[slot]
-        if problems or row is None:
+        if slot is not None and checked.errors[slot] is not None:
+            problems.extend(_contract_violations(checked.errors[slot], "patient"))
+        if problems or slot is None or checked.errors[slot] is not None:
             items.append(InvalidRequest(_unique(problems)))
             continue
         values = checked.values[slot]
@@ -549,10 +542,9 @@ def parse_recommend_many(
                 patient_id=values[PATIENT_ID],
                 input_warnings=list(checked.warnings[slot]),
                 top_k=data.get("top_k", DEFAULT_TOP_K),
-                row=row,
             )
         )
-    return checked, items
+    return items
 
 
 def parse_explain(body: bytes) -> ExplainInput:

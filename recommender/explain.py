@@ -168,8 +168,7 @@ def explain_plans(model, patient: pd.DataFrame, plans, top_n: int = 6, *,
 
 
 def explain_each(model, patients: pd.DataFrame | None, plans: list, top_n: int = 6, *,
-                 coefficients: dict | None = None, singles: list | None = None
-                 ) -> list[list[dict]]:
+                 coefficients: dict | None = None) -> list[list[dict]]:
     """:func:`explain_plans` for each patient of a validated frame, as if alone:
     ``result[i] == explain_plans(model, patients.iloc[[i]], plans[i], top_n)``.
 
@@ -177,8 +176,7 @@ def explain_each(model, patients: pd.DataFrame | None, plans: list, top_n: int =
     (they are row by row, so each row is what it would be alone); the products with the plan
     basis run per patient. ``coefficients`` may pass
     :meth:`~recommender.model.PlanOutcomeModel.patient_coefficients` of the same frame (its
-    ``X`` and ``prior``), saving the encoding and prior a second time, and ``singles`` the
-    one-row frames ``patients.iloc[[i]]``. With both ``X`` and ``prior`` in ``coefficients``
+    ``X`` and ``prior``), saving the encoding and prior a second time. With both ``X`` and ``prior`` in ``coefficients``
     the frame is not read and may be None.
     """
     coef = coefficients or {}
@@ -200,8 +198,7 @@ def explain_each(model, patients: pd.DataFrame | None, plans: list, top_n: int =
     for j, i in enumerate(wanted):
         shared = {"X": X[i : i + 1], "prior": prior[i : i + 1], "phi_tau": phi_tau[j],
                   "phi_beta": phi_beta[j]}
-        one = singles[i] if singles is not None else (
-            patients.iloc[i : i + 1] if patients is not None else None)
+        one = patients.iloc[i : i + 1] if patients is not None else None
         out[i] = explain_plans(model, one, plans[i], top_n, _shared=shared)
     return out
 

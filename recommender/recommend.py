@@ -39,7 +39,6 @@ class Ranked:
     safety: SafetyAssessment
     coefficients: dict
     row: int = 0
-    patient: pd.DataFrame | None = None  # recommend_each: this patient's one-row frame, if any
 
 
 def recommend(model: PlanOutcomeModel, patients: pd.DataFrame, top_k: int = 5) -> Ranked:
@@ -58,7 +57,6 @@ def recommend_each(
     patients: pd.DataFrame | None,
     top_k: Sequence[int] | int = 5,
     *,
-    singles: Sequence[pd.DataFrame] | None = None,
     X: np.ndarray | None = None,
 ) -> list[Ranked]:
     """:func:`recommend` for each patient of a validated frame *as if alone*, for the HTTP
@@ -69,11 +67,10 @@ def recommend_each(
     encoding, one tree pass per booster, the safety table) is done once for the batch; those
     steps are row by row, so each row is what it would be alone. The plan products and the
     ranking, where a matrix product over several rows could round differently than over one,
-    run per patient on that patient's one-row slices (``singles[i]``, when the caller has
-    them already, must equal ``patients.iloc[[i]]``; ``X``, when given, must equal
+    run per patient on that patient's one-row slices. ``X``, when given, must equal
     ``model.encoder_.transform(patients)``, e.g. ``transform_values`` of the validated
     records the frame was built from; the frame is then not read and may be None, as the
-    HTTP service passes it).
+    HTTP service passes it.
     """
     if patients is None and X is None:
         raise ValueError("recommend_each needs the patient frame or its encoded matrix X")
@@ -91,15 +88,14 @@ def recommend_each(
     allowed = safety.allowed_plans()
     out = []
     for i, k in enumerate(ks):
-        one = singles[i] if singles is not None else (
-            patients.iloc[i : i + 1] if patients is not None else None)
+        one = patients.iloc[i : i + 1] if patients is not None else None
         coef_i = {
             name: value[i : i + 1] if isinstance(value, np.ndarray) else value
             for name, value in coef.items()
         }
         est = model.predict_plans(one, coefficients=coef_i)
         order = rank_plans(est.utility, allowed[i : i + 1], k)
-        out.append(Ranked(order, est, safety, coef_i, row=i, patient=one))
+        out.append(Ranked(order, est, safety, coef_i, row=i))
     return out
 
 

@@ -48,7 +48,6 @@ class WalCheckpointer:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
-        self.passes = 0  # checkpoints run (for tests and diagnostics)
 
     def written(self, store: Checkpointable) -> None:
         """Note that ``store`` committed; it is checkpointed on the next pass."""
@@ -74,7 +73,6 @@ class WalCheckpointer:
         for store in stores:
             try:
                 busy, frames, copied = store.checkpoint()
-                self.passes += 1
                 if busy or copied < frames:  # a reader holds older pages; next pass
                     with self._lock:
                         self._dirty.add(store)
