@@ -100,9 +100,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # only left over when the write or replace failed
 
 
 def save_bundle(bundle: ModelBundle, directory: str | os.PathLike) -> str:

@@ -88,6 +88,7 @@ class MicroBatcher:
                 ]
                 if self._on_batch is not None:
                     self._on_batch(len(batch))
+                results = None
                 try:
                     results = await self._run([item for item, _ in batch])
                     if len(results) != len(batch):
@@ -97,10 +98,10 @@ class MicroBatcher:
                 except Exception as err:  # noqa: BLE001 - every item of the batch gets it
                     log.exception("a batch of %d failed", len(batch))
                     results = [err] * len(batch)
-                except BaseException:  # cancelled (shutdown): release the waiting callers
-                    for _, future in batch:
-                        future.cancel()
-                    raise
+                finally:
+                    if results is None:  # cancelled (shutdown): release the waiting callers
+                        for _, future in batch:
+                            future.cancel()
                 for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():  # its caller may have been cancelled
                         future.set_result(result)

@@ -140,3 +140,23 @@ def test_artifact_module_needs_neither_training_nor_mlflow():
         "sys.exit(1 if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    from recommender import artifact
+
+    target = tmp_path / "metadata.json"
+    target.write_bytes(b"old")
+
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        artifact._atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metadata.json"]
+    monkeypatch.undo()
+    artifact._atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["metadata.json"]

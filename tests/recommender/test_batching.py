@@ -383,6 +383,28 @@ def test_a_cancelled_caller_does_not_lose_the_others_answers():
     assert isinstance(results[2], asyncio.CancelledError)
 
 
+def test_a_cancelled_batch_releases_every_caller_waiting_on_it():
+    """Shutdown cancels the runner in the middle of a batch: its callers must not wait on."""
+
+    async def main():
+        started = asyncio.Event()
+
+        async def run(items):
+            started.set()
+            await asyncio.Event().wait()  # never finishes on its own
+
+        batcher = MicroBatcher(run, max_batch=4)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+        await started.wait()
+        for task in asyncio.all_tasks():
+            if task.get_coro().__qualname__ == "MicroBatcher._drain":
+                task.cancel()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+
+
 # --------------------------------------------------------------------------- over HTTP
 
 
